@@ -1,0 +1,602 @@
+//! One device connection and its up to three target connections: forwarding,
+//! replies, backpressure, half-close and how it ends.
+//!
+//! A connection lives on one worker for its whole life and is only touched by
+//! that worker's thread. The worker notes readiness on its sockets and calls
+//! [`Connection::drive`], which moves bytes until nothing more can move (or a
+//! per-wake-up budget is spent). Invariants kept here:
+//! - bytes from the device go to every live target in order; a target's
+//!   queue never holds more than `target_buffer` bytes: for a mandatory target
+//!   the device is not read while it is full, a non-mandatory one is dropped;
+//! - replies queued for the device are bounded the same way;
+//! - the device's event 1 is its first message and its event 2 its last; a
+//!   target gets event 1 only once connected and always an event 2.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+
+use crate::config::{Config, MAX_TARGETS};
+use crate::journal::{Closed, Journal};
+use crate::message::{DEVICE, Origin};
+use crate::reason::{self, Reason};
+use crate::socket::{Endpoint, ReadOutcome};
+
+/// Rounds of reads and writes for one connection per wake-up, so that one
+/// busy device cannot starve the others on its worker.
+const ROUNDS_PER_WAKE: usize = 8;
+
+/// A target as every connection sees it.
+#[derive(Debug, Clone)]
+pub struct TargetSpec {
+    pub number: u8,
+    /// `proxy.target`: the configured host:port.
+    pub label: String,
+    pub mandatory: bool,
+    pub replies: bool,
+    /// For a target given by host name: set on each connect, so that the
+    /// resolver knows the name is in use and looks it up again.
+    pub used: Option<Arc<AtomicBool>>,
+}
+
+/// What connections need from the configuration, shared by the workers.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Indexed by target number - 1.
+    pub targets: [Option<TargetSpec>; MAX_TARGETS],
+    pub target_buffer: usize,
+    /// A paused read resumes once its queue has this much room again.
+    pub resume_space: usize,
+    pub idle_timeout: Option<Duration>,
+    pub connect_timeout: Duration,
+}
+
+impl Settings {
+    pub fn new(config: &Config, read_buffer: usize) -> Settings {
+        let mut targets: [Option<TargetSpec>; MAX_TARGETS] = Default::default();
+        for target in &config.targets {
+            targets[usize::from(target.number - 1)] = Some(TargetSpec {
+                number: target.number,
+                label: target.address.to_string(),
+                mandatory: target.mandatory,
+                replies: target.replies,
+                used: match target.address.literal() {
+                    Some(_) => None,
+                    None => Some(Arc::new(AtomicBool::new(false))),
+                },
+            });
+        }
+        Settings {
+            targets,
+            target_buffer: config.target_buffer,
+            resume_space: read_buffer.min(config.target_buffer / 4).max(1),
+            idle_timeout: config.idle_timeout,
+            connect_timeout: config.connect_timeout,
+        }
+    }
+}
+
+/// The worker's things a connection uses while it is driven.
+pub struct Context<'a> {
+    pub registry: &'a Registry,
+    pub journal: &'a mut Journal,
+    pub settings: &'a Settings,
+    /// The current address of each target (names are resolved elsewhere).
+    pub addresses: &'a [Option<SocketAddr>; MAX_TARGETS],
+    pub now: Instant,
+}
+
+/// What the worker should do with the connection after driving it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Drive {
+    /// Waiting for readiness.
+    Idle,
+    /// Budget spent with work left: drive again soon.
+    Busy,
+    /// Closed and journaled: remove it.
+    Finished,
+}
+
+/// The token of one socket: the connection's slot and the side (0 device,
+/// 1..=3 target).
+pub fn token(slot: usize, side: usize) -> Token {
+    Token(slot << 2 | side)
+}
+
+/// The slot and side a token stands for.
+pub fn slot_and_side(token: Token) -> (usize, usize) {
+    (token.0 >> 2, token.0 & 3)
+}
+
+/// A connection to one target.
+struct Link {
+    endpoint: Endpoint,
+    /// When the connect started, while it has not finished.
+    connecting_since: Option<Instant>,
+}
+
+/// Why and how the connection is ending.
+struct Ending {
+    reason: Reason,
+    /// The reason written for the targets still open.
+    target_reason: Reason,
+    /// Deliver what is queued for the device before closing it.
+    linger: bool,
+}
+
+pub struct Connection {
+    slot: usize,
+    origin: Origin,
+    device: Endpoint,
+    targets: [Option<Link>; MAX_TARGETS],
+    last_activity: Instant,
+    ending: Option<Ending>,
+    /// On the worker's list of connections to drive.
+    pub scheduled: bool,
+}
+
+impl Connection {
+    /// Takes over an accepted device socket: event 1, then a connect to
+    /// every target at once.
+    pub fn open(
+        slot: usize,
+        mut stream: TcpStream,
+        origin: Origin,
+        ctx: &mut Context<'_>,
+    ) -> Connection {
+        ctx.journal.connected(origin, DEVICE, None);
+        let registered = stream.set_nodelay(true).and_then(|()| {
+            ctx.registry.register(
+                &mut stream,
+                token(slot, 0),
+                Interest::READABLE | Interest::WRITABLE,
+            )
+        });
+        let mut connection = Connection {
+            slot,
+            origin,
+            device: Endpoint::new(stream, true),
+            targets: Default::default(),
+            last_activity: ctx.now,
+            ending: None,
+            scheduled: false,
+        };
+        if let Err(e) = registered {
+            log::warn!("{}: cannot watch the device socket: {e}", origin.ident);
+            connection.end(reason::describe(&e), reason::DEVICE_FAILED.into(), false);
+            return connection;
+        }
+        for spec in ctx.settings.targets.iter().flatten() {
+            if connection.ending.is_some() {
+                break;
+            }
+            connection.connect_target(spec, ctx);
+        }
+        connection
+    }
+
+    pub fn origin(&self) -> Origin {
+        self.origin
+    }
+
+    /// Records a poll event's hints for one side.
+    pub fn note_readiness(&mut self, side: usize, readable: bool, writable: bool) {
+        let endpoint = match side {
+            0 => &mut self.device,
+            n => match &mut self.targets[n - 1] {
+                Some(link) => &mut link.endpoint,
+                None => return,
+            },
+        };
+        endpoint.readable |= readable;
+        endpoint.writable |= writable;
+    }
+
+    /// Moves bytes until nothing more can move now.
+    pub fn drive(&mut self, ctx: &mut Context<'_>, buffer: &mut [u8]) -> Drive {
+        for _ in 0..ROUNDS_PER_WAKE {
+            if self.ending.is_some() {
+                return self.linger_or_finish(ctx);
+            }
+            if !self.step(ctx, buffer) {
+                return match self.ending {
+                    Some(_) => self.linger_or_finish(ctx),
+                    None => Drive::Idle,
+                };
+            }
+        }
+        Drive::Busy
+    }
+
+    /// Enforces the connect and idle timeouts; returns whether the
+    /// connection now needs driving (it is ending).
+    pub fn check_timers(&mut self, ctx: &mut Context<'_>) -> bool {
+        for index in 0..MAX_TARGETS {
+            let expired = self.targets[index]
+                .as_ref()
+                .and_then(|link| link.connecting_since)
+                .is_some_and(|since| ctx.now >= since + ctx.settings.connect_timeout);
+            if expired {
+                self.target_failed(index, reason::CONNECT_TIMEOUT.into(), ctx);
+            }
+        }
+        let idle = ctx
+            .settings
+            .idle_timeout
+            .is_some_and(|limit| ctx.now >= self.last_activity + limit);
+        if idle {
+            match &mut self.ending {
+                // Lingering for a device that takes nothing: give up.
+                Some(ending) => ending.linger = false,
+                None => self.end(
+                    reason::IDLE_TIMEOUT.into(),
+                    reason::IDLE_TIMEOUT.into(),
+                    false,
+                ),
+            }
+        }
+        self.ending.is_some()
+    }
+
+    /// Ends the connection for a reason decided outside it (shutdown, an
+    /// operator); the caller then drives it to finish.
+    pub fn close(&mut self, why: &'static str) {
+        self.end(why.into(), why.into(), false);
+    }
+
+    /// One round: each side is read or written at most once.
+    fn step(&mut self, ctx: &mut Context<'_>, buffer: &mut [u8]) -> bool {
+        let mut moved = self.finish_connects(ctx);
+        moved |= self.flush_targets(ctx);
+        moved |= self.read_device(ctx, buffer);
+        moved |= self.read_targets(ctx, buffer);
+        moved |= self.flush_device(ctx);
+        self.pass_on_device_eof(ctx);
+        moved
+    }
+
+    fn connect_target(&mut self, spec: &TargetSpec, ctx: &mut Context<'_>) {
+        let index = usize::from(spec.number - 1);
+        if let Some(used) = &spec.used {
+            used.store(true, Ordering::Relaxed);
+        }
+        let Some(address) = ctx.addresses[index] else {
+            let why = format!("connect failed: cannot resolve {}", spec.label);
+            self.target_failed_early(spec, why.into(), ctx);
+            return;
+        };
+        let connected = TcpStream::connect(address).and_then(|mut stream| {
+            stream.set_nodelay(true)?;
+            let interest = Interest::READABLE | Interest::WRITABLE;
+            ctx.registry
+                .register(&mut stream, token(self.slot, index + 1), interest)?;
+            Ok(stream)
+        });
+        match connected {
+            Ok(stream) => {
+                self.targets[index] = Some(Link {
+                    endpoint: Endpoint::new(stream, false),
+                    connecting_since: Some(ctx.now),
+                });
+            }
+            Err(e) => self.target_failed_early(spec, reason::connect_failed(&e), ctx),
+        }
+    }
+
+    /// A target that failed before it had a socket: event 2 only.
+    fn target_failed_early(&mut self, spec: &TargetSpec, why: Reason, ctx: &mut Context<'_>) {
+        log::debug!("{}: target {} {why}", self.origin.ident, spec.number);
+        let closed = Closed {
+            reason: &why,
+            received: 0,
+            sent: 0,
+        };
+        ctx.journal
+            .dropped(self.origin, spec.number, Some(&spec.label), &closed);
+        if spec.mandatory {
+            self.end(reason::mandatory_failed(spec.number), why, false);
+        }
+    }
+
+    fn finish_connects(&mut self, ctx: &mut Context<'_>) -> bool {
+        let mut moved = false;
+        for index in 0..MAX_TARGETS {
+            let Some(link) = &mut self.targets[index] else {
+                continue;
+            };
+            if link.connecting_since.is_none() || !link.endpoint.writable {
+                continue;
+            }
+            let stream = &link.endpoint.stream;
+            let outcome = match stream.take_error() {
+                Ok(Some(e)) | Err(e) => Err(e),
+                Ok(None) => stream.peer_addr().map(|_| ()),
+            };
+            match outcome {
+                Ok(()) => {
+                    link.connecting_since = None;
+                    let spec = target_spec(ctx.settings, index);
+                    ctx.journal
+                        .connected(self.origin, spec.number, Some(&spec.label));
+                    moved = true;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotConnected => {
+                    link.endpoint.writable = false;
+                }
+                Err(e) => {
+                    self.target_failed(index, reason::connect_failed(&e), ctx);
+                    moved = true;
+                }
+            }
+        }
+        moved
+    }
+
+    fn flush_targets(&mut self, ctx: &mut Context<'_>) -> bool {
+        let mut moved = false;
+        for index in 0..MAX_TARGETS {
+            let Some(link) = &mut self.targets[index] else {
+                continue;
+            };
+            if link.connecting_since.is_some() || link.endpoint.queued() == 0 {
+                continue;
+            }
+            match link.endpoint.flush() {
+                Ok(written) => moved |= written > 0,
+                Err(e) => {
+                    self.target_failed(index, reason::describe(&e), ctx);
+                    moved = true;
+                }
+            }
+        }
+        moved
+    }
+
+    fn read_device(&mut self, ctx: &mut Context<'_>, buffer: &mut [u8]) -> bool {
+        if self.ending.is_some() || !self.device.readable || self.device.read_closed {
+            return false;
+        }
+        let limit = self.device_read_limit(ctx.settings, buffer.len());
+        if limit == 0 {
+            return false;
+        }
+        match self.device.read(&mut buffer[..limit]) {
+            ReadOutcome::Data(n) => {
+                self.last_activity = ctx.now;
+                let packet = &buffer[..n];
+                ctx.journal.data(self.origin, DEVICE, None, packet);
+                self.forward_to_targets(packet, ctx);
+                true
+            }
+            ReadOutcome::WouldBlock => false,
+            ReadOutcome::Closed => true,
+            ReadOutcome::Failed(e) => {
+                self.end(reason::describe(&e), reason::DEVICE_FAILED.into(), false);
+                true
+            }
+        }
+    }
+
+    /// How much may be read from the device now: no more than any mandatory
+    /// target's queue can take, and nothing while one of them is (nearly)
+    /// full.
+    fn device_read_limit(&self, settings: &Settings, buffer_len: usize) -> usize {
+        let mut limit = buffer_len;
+        for (index, link) in self.targets.iter().enumerate() {
+            let Some(link) = link else { continue };
+            if !target_spec(settings, index).mandatory {
+                continue;
+            }
+            let room = settings
+                .target_buffer
+                .saturating_sub(link.endpoint.queued());
+            if room < settings.resume_space {
+                return 0;
+            }
+            limit = limit.min(room);
+        }
+        limit
+    }
+
+    fn forward_to_targets(&mut self, packet: &[u8], ctx: &mut Context<'_>) {
+        for index in 0..MAX_TARGETS {
+            let Some(link) = &mut self.targets[index] else {
+                continue;
+            };
+            let spec = target_spec(ctx.settings, index);
+            if !spec.mandatory && link.endpoint.queued() + packet.len() > ctx.settings.target_buffer
+            {
+                self.target_failed(index, reason::TARGET_BUFFER_OVERFLOW.into(), ctx);
+                continue;
+            }
+            if let Err(e) = link.endpoint.send(packet) {
+                self.target_failed(index, reason::describe(&e), ctx);
+            }
+        }
+    }
+
+    fn read_targets(&mut self, ctx: &mut Context<'_>, buffer: &mut [u8]) -> bool {
+        let mut moved = false;
+        for index in 0..MAX_TARGETS {
+            if self.ending.is_some() {
+                break;
+            }
+            let room = ctx
+                .settings
+                .target_buffer
+                .saturating_sub(self.device.queued());
+            let Some(link) = &mut self.targets[index] else {
+                continue;
+            };
+            if link.connecting_since.is_some() || !link.endpoint.readable {
+                continue;
+            }
+            let spec = target_spec(ctx.settings, index);
+            let limit = match spec.replies {
+                true if room < ctx.settings.resume_space => continue,
+                true => room.min(buffer.len()),
+                false => buffer.len(),
+            };
+            match link.endpoint.read(&mut buffer[..limit]) {
+                ReadOutcome::Data(n) if spec.replies => {
+                    moved = true;
+                    self.relay_reply(spec, &buffer[..n], ctx);
+                }
+                ReadOutcome::Data(_) => moved = true,
+                ReadOutcome::WouldBlock => {}
+                ReadOutcome::Closed => {
+                    moved = true;
+                    self.target_closed(index, ctx);
+                }
+                ReadOutcome::Failed(e) => {
+                    moved = true;
+                    self.target_failed(index, reason::describe(&e), ctx);
+                }
+            }
+        }
+        moved
+    }
+
+    fn relay_reply(&mut self, spec: &TargetSpec, packet: &[u8], ctx: &mut Context<'_>) {
+        self.last_activity = ctx.now;
+        ctx.journal
+            .data(self.origin, spec.number, Some(&spec.label), packet);
+        if let Err(e) = self.device.send(packet) {
+            self.end(reason::describe(&e), reason::DEVICE_FAILED.into(), false);
+        }
+    }
+
+    fn flush_device(&mut self, ctx: &mut Context<'_>) -> bool {
+        if self.ending.is_some() || self.device.queued() == 0 {
+            return false;
+        }
+        match self.device.flush() {
+            Ok(0) => false,
+            Ok(_) => {
+                self.last_activity = ctx.now;
+                true
+            }
+            Err(e) => {
+                self.end(reason::describe(&e), reason::DEVICE_FAILED.into(), false);
+                true
+            }
+        }
+    }
+
+    /// After the device's end of stream: pass the FIN on to each target once
+    /// its queue is delivered, and end once no target is left.
+    fn pass_on_device_eof(&mut self, ctx: &mut Context<'_>) {
+        if !self.device.read_closed || self.ending.is_some() {
+            return;
+        }
+        for index in 0..MAX_TARGETS {
+            let Some(link) = &mut self.targets[index] else {
+                continue;
+            };
+            if link.connecting_since.is_some() || link.endpoint.queued() > 0 {
+                continue;
+            }
+            if let Err(e) = link.endpoint.shutdown_write() {
+                self.target_failed(index, reason::describe(&e), ctx);
+            }
+        }
+        if self.targets.iter().all(Option::is_none) && self.ending.is_none() {
+            self.end(
+                reason::CLOSED_BY_PEER.into(),
+                reason::DEVICE_CLOSED.into(),
+                true,
+            );
+        }
+    }
+
+    /// A target ended its stream. Once the device has ended its own, that
+    /// is the normal end of the exchange; before, it is a failure for a
+    /// mandatory target (whose replies are still delivered first).
+    fn target_closed(&mut self, index: usize, ctx: &mut Context<'_>) {
+        self.drop_target(index, reason::CLOSED_BY_PEER.into(), ctx);
+        let spec = target_spec(ctx.settings, index);
+        if spec.mandatory && !self.device.read_closed {
+            let why = reason::mandatory_closed(spec.number);
+            self.end(why.clone(), why, true);
+        }
+    }
+
+    fn target_failed(&mut self, index: usize, why: Reason, ctx: &mut Context<'_>) {
+        let spec = target_spec(ctx.settings, index);
+        log::debug!("{}: target {} {why}", self.origin.ident, spec.number);
+        self.drop_target(index, why.clone(), ctx);
+        if spec.mandatory {
+            self.end(reason::mandatory_failed(spec.number), why, false);
+        }
+    }
+
+    /// Closes one target's socket and writes its event 2.
+    fn drop_target(&mut self, index: usize, why: Reason, ctx: &mut Context<'_>) {
+        let Some(mut link) = self.targets[index].take() else {
+            return;
+        };
+        // The socket is closed right after; a failed deregister changes nothing.
+        let _ = ctx.registry.deregister(&mut link.endpoint.stream);
+        let spec = target_spec(ctx.settings, index);
+        let closed = Closed {
+            reason: &why,
+            received: link.endpoint.received,
+            sent: link.endpoint.sent,
+        };
+        ctx.journal
+            .dropped(self.origin, spec.number, Some(&spec.label), &closed);
+    }
+
+    /// Decides the connection ends; the first reason given is kept.
+    fn end(&mut self, why: Reason, target_reason: Reason, linger: bool) {
+        if self.ending.is_none() {
+            self.ending = Some(Ending {
+                reason: why,
+                target_reason,
+                linger,
+            });
+        }
+    }
+
+    fn linger_or_finish(&mut self, ctx: &mut Context<'_>) -> Drive {
+        let lingering = self.ending.as_ref().is_some_and(|e| e.linger);
+        if lingering && self.device.queued() > 0 {
+            match self.device.flush() {
+                Ok(_) if self.device.queued() > 0 => return Drive::Idle,
+                Ok(_) => {}
+                Err(e) => log::debug!("{}: device write failed: {e}", self.origin.ident),
+            }
+        }
+        self.finish(ctx);
+        Drive::Finished
+    }
+
+    /// Closes every socket left, targets first, and writes their events 2.
+    fn finish(&mut self, ctx: &mut Context<'_>) {
+        let Some(ending) = self.ending.take() else {
+            return;
+        };
+        for index in 0..MAX_TARGETS {
+            self.drop_target(index, ending.target_reason.clone(), ctx);
+        }
+        // The socket is closed right after; a failed deregister changes nothing.
+        let _ = ctx.registry.deregister(&mut self.device.stream);
+        let closed = Closed {
+            reason: &ending.reason,
+            received: self.device.received,
+            sent: self.device.sent,
+        };
+        ctx.journal.dropped(self.origin, DEVICE, None, &closed);
+    }
+}
+
+/// The spec of a target that has a link (targets only exist where configured).
+fn target_spec(settings: &Settings, index: usize) -> &TargetSpec {
+    settings.targets[index]
+        .as_ref()
+        .expect("a connection only has links to configured targets")
+}

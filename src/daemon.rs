@@ -1,0 +1,244 @@
+//! The daemon's life: start every thread in order, wait for signals, and
+//! shut down cleanly.
+//!
+//! Start: signals are caught first (so an early SIGTERM is not fatal), the
+//! data folder is opened, the open-file limit raised, the listeners bound;
+//! only then does "listening on" appear in the log. Stop (SIGTERM/SIGINT):
+//! the acceptor stops, each worker closes its connections with reason
+//! `shutdown` and hands over its last messages, and the writer, once every
+//! sender is gone, writes and fsyncs everything and returns.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::thread::JoinHandle;
+
+use log::{error, info, warn};
+use mio::net::TcpListener;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use crate::acceptor::{Acceptor, AcceptorSetup};
+use crate::config::{AcceptProxyProtocol, Config, MAX_TARGETS, SendProxyProtocol};
+use crate::connection::Settings;
+use crate::journal::{Journal, JournalSettings, StoreCommand};
+use crate::limits;
+use crate::resolver;
+use crate::store::{Store, StoreError, StoreSettings};
+use crate::worker::{Command, READ_BUFFER, Worker, WorkerHandle, WorkerSetup};
+
+/// Batches the writer may hold back before the workers wait.
+const STORE_QUEUE: usize = 32;
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: SocketAddr,
+        source: io::Error,
+    },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("cannot start: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl StartError {
+    /// 2 for what the user must fix in the configuration, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartError::Store(_) | StartError::Unsupported(_) => 2,
+            StartError::Listen { .. } | StartError::Io(_) => 1,
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(config: Config) -> Result<(), StartError> {
+    refuse_unbuilt_features(&config)?;
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    let store = Store::open(StoreSettings::new(&config))?;
+    info!("writing messages to {}", store.path().display());
+    log_descriptor_room(&config);
+    let listeners = bind_all(&config.listen)?;
+
+    let (store_sender, store_receiver) = crossbeam_channel::bounded(STORE_QUEUE);
+    let writer = std::thread::Builder::new()
+        .name("writer".into())
+        .spawn(move || store.run(store_receiver))?;
+    let journal_settings = JournalSettings {
+        channel_id: config.channel_id,
+        protocol_id: config.protocol_id,
+        store: config.store,
+        max_payload: config.max_payload,
+    };
+    let settings = Arc::new(Settings::new(&config, READ_BUFFER));
+    let addresses = initial_addresses(&config);
+    let open_connections = Arc::new(AtomicUsize::new(0));
+
+    let mut handles = Vec::new();
+    let mut worker_threads = Vec::new();
+    for id in 0..config.workers {
+        let (handle, thread) = Worker::spawn(WorkerSetup {
+            id,
+            settings: Arc::clone(&settings),
+            journal: Journal::new(store_sender.clone(), journal_settings),
+            addresses,
+            open_connections: Arc::clone(&open_connections),
+        })?;
+        handles.push(handle);
+        worker_threads.push(thread);
+    }
+    start_resolvers(&config, &settings, &addresses, &handles)?;
+    let (acceptor, acceptor_thread) = Acceptor::spawn(AcceptorSetup {
+        listeners,
+        workers: handles.clone(),
+        journal: Journal::new(store_sender.clone(), journal_settings),
+        open_connections,
+        max_connections: config.max_connections,
+    })?;
+    info!(
+        "proxy-channel {} running: {} workers, {} targets, store {}",
+        env!("CARGO_PKG_VERSION"),
+        config.workers,
+        config.targets.len(),
+        if config.store { "on" } else { "off" }
+    );
+
+    for signal in signals.forever() {
+        if signal == SIGHUP {
+            info!("SIGHUP: rotating the message file");
+            // The writer outlives this loop, so the send cannot fail.
+            let _ = store_sender.send(StoreCommand::Rotate);
+        } else {
+            info!("signal {signal}: shutting down");
+            break;
+        }
+    }
+
+    acceptor.stop();
+    join("acceptor", acceptor_thread);
+    for handle in &handles {
+        handle.send(Command::Shutdown);
+    }
+    for thread in worker_threads {
+        join("worker", thread);
+    }
+    drop(handles);
+    drop(store_sender);
+    join("writer", writer);
+    info!("stopped");
+    Ok(())
+}
+
+/// Settings that parse but whose feature is not built yet stop the daemon
+/// rather than being silently ignored.
+fn refuse_unbuilt_features(config: &Config) -> Result<(), StartError> {
+    if config.accept_proxy_protocol != AcceptProxyProtocol::Off {
+        return Err(StartError::Unsupported(
+            "PROXY_ACCEPT_PROXY_PROTOCOL: expected off (PROXY protocol input is not built yet)"
+                .into(),
+        ));
+    }
+    if let Some(target) = config
+        .targets
+        .iter()
+        .find(|t| t.send_proxy != SendProxyProtocol::Off)
+    {
+        return Err(StartError::Unsupported(format!(
+            "PROXY_TARGET{}_SEND_PROXY: expected off (PROXY protocol output is not built yet)",
+            target.number
+        )));
+    }
+    if let Some(path) = &config.metrics_file {
+        return Err(StartError::Unsupported(format!(
+            "PROXY_METRICS_FILE={:?}: expected unset (metrics are not built yet)",
+            path.display().to_string()
+        )));
+    }
+    Ok(())
+}
+
+fn log_descriptor_room(config: &Config) {
+    match limits::raise_open_file_limit() {
+        Ok(descriptors) => info!(
+            "open-file limit {descriptors}: room for about {} devices with {} targets each",
+            limits::devices_allowed(descriptors, config.targets.len()),
+            config.targets.len()
+        ),
+        Err(e) => warn!("cannot raise the open-file limit: {e}"),
+    }
+}
+
+fn bind_all(addresses: &[SocketAddr]) -> Result<Vec<TcpListener>, StartError> {
+    let mut listeners = Vec::new();
+    for &address in addresses {
+        let listener =
+            TcpListener::bind(address).map_err(|source| StartError::Listen { address, source })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| StartError::Listen { address, source })?;
+        info!("listening on {local}");
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// Each target's address at start; a name that does not resolve yet is
+/// retried by its resolver.
+fn initial_addresses(config: &Config) -> [Option<SocketAddr>; MAX_TARGETS] {
+    let mut addresses = [None; MAX_TARGETS];
+    for target in &config.targets {
+        match resolver::resolve(&target.address) {
+            Ok(address) => {
+                if target.address.literal().is_none() {
+                    info!(
+                        "target {}: {} resolves to {address}",
+                        target.number, target.address
+                    );
+                }
+                addresses[usize::from(target.number - 1)] = Some(address);
+            }
+            Err(e) => warn!(
+                "target {}: cannot resolve {}: {e}; connections fail until it does",
+                target.number, target.address
+            ),
+        }
+    }
+    addresses
+}
+
+fn start_resolvers(
+    config: &Config,
+    settings: &Settings,
+    addresses: &[Option<SocketAddr>; MAX_TARGETS],
+    workers: &[WorkerHandle],
+) -> io::Result<()> {
+    for target in &config.targets {
+        let index = usize::from(target.number - 1);
+        let Some(used) = settings.targets[index]
+            .as_ref()
+            .and_then(|s| s.used.clone())
+        else {
+            continue;
+        };
+        resolver::spawn(
+            target.number,
+            target.address.clone(),
+            addresses[index],
+            used,
+            workers.to_vec(),
+        )?;
+    }
+    Ok(())
+}
+
+fn join(name: &str, thread: JoinHandle<()>) {
+    if thread.join().is_err() {
+        error!("the {name} thread panicked");
+    }
+}

@@ -1,0 +1,161 @@
+//! A thread's side of the message store: it turns events into JSON lines in
+//! a batch and hands full batches to the file writer over the bounded channel.
+//!
+//! One journal belongs to one thread (a worker or the acceptor), so the lines
+//! of a connection, which lives on one worker, reach the channel in the
+//! order they happened. `send` blocks when the channel is full: the worker
+//! waits for the writer and TCP holds the devices back; nothing is dropped.
+
+use crossbeam_channel::Sender;
+use log::error;
+
+use crate::message::{Event, Hex, Message, Origin, now_timestamp};
+
+/// A batch is sent once it holds this many bytes (or at the end of a loop
+/// iteration, whichever comes first).
+const BATCH_BYTES: usize = 128 * 1024;
+
+/// Whole JSON lines, each ending in `\n`.
+pub struct Batch {
+    pub lines: Vec<u8>,
+    pub count: usize,
+}
+
+/// What the file writer is asked to do.
+pub enum StoreCommand {
+    Write(Batch),
+    /// Rotate the current file now (SIGHUP).
+    Rotate,
+}
+
+/// The fixed parts of every message and the store-mode switches.
+#[derive(Debug, Clone, Copy)]
+pub struct JournalSettings {
+    pub channel_id: u64,
+    pub protocol_id: u64,
+    pub store: bool,
+    pub max_payload: u64,
+}
+
+pub struct Journal {
+    sender: Sender<StoreCommand>,
+    settings: JournalSettings,
+    batch: Vec<u8>,
+    count: usize,
+    writer_gone_reported: bool,
+}
+
+impl Journal {
+    pub fn new(sender: Sender<StoreCommand>, settings: JournalSettings) -> Journal {
+        Journal {
+            sender,
+            settings,
+            batch: Vec::new(),
+            count: 0,
+            writer_gone_reported: false,
+        }
+    }
+
+    /// Event 1 of the device (`target` None) or of a target.
+    pub fn connected(&mut self, origin: Origin, source: u8, target: Option<&str>) {
+        let message = self.message(origin, Event::Connected, source, target);
+        self.write(&message);
+    }
+
+    /// Event 0: a packet, written only in store mode; its hex only when it
+    /// is no larger than the maximum payload.
+    pub fn data(&mut self, origin: Origin, source: u8, target: Option<&str>, payload: &[u8]) {
+        if !self.settings.store {
+            return;
+        }
+        let mut message = self.message(origin, Event::Data, source, target);
+        message.payload_size = Some(payload.len());
+        if payload.len() as u64 <= self.settings.max_payload {
+            message.payload_hex = Some(Hex(payload));
+        }
+        self.write(&message);
+    }
+
+    /// Event 2, with why and how many bytes went each way.
+    pub fn dropped(
+        &mut self,
+        origin: Origin,
+        source: u8,
+        target: Option<&str>,
+        close: &Closed<'_>,
+    ) {
+        let mut message = self.message(origin, Event::Dropped, source, target);
+        message.reason = Some(close.reason);
+        message.bytes_received = Some(close.received);
+        message.bytes_sent = Some(close.sent);
+        self.write(&message);
+    }
+
+    /// Hands the batch to the writer; called at the end of every loop
+    /// iteration so that lines reach the file promptly.
+    pub fn flush(&mut self) {
+        if self.count == 0 {
+            return;
+        }
+        let batch = Batch {
+            lines: std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_BYTES)),
+            count: std::mem::take(&mut self.count),
+        };
+        if self.sender.send(StoreCommand::Write(batch)).is_err() && !self.writer_gone_reported {
+            self.writer_gone_reported = true;
+            error!("the message writer has stopped; messages can no longer be stored");
+        }
+    }
+
+    fn message<'a>(
+        &self,
+        origin: Origin,
+        event: Event,
+        source: u8,
+        target: Option<&'a str>,
+    ) -> Message<'a> {
+        let now = now_timestamp();
+        Message {
+            channel_id: self.settings.channel_id,
+            protocol_id: self.settings.protocol_id,
+            ident: origin.ident,
+            peer: origin.peer,
+            event: event as u8,
+            source,
+            payload_size: None,
+            payload_hex: None,
+            server_timestamp: now,
+            timestamp: now,
+            target,
+            reason: None,
+            bytes_received: None,
+            bytes_sent: None,
+        }
+    }
+
+    fn write(&mut self, message: &Message<'_>) {
+        let line_start = self.batch.len();
+        match serde_json::to_writer(&mut self.batch, message) {
+            Ok(()) => {
+                self.batch.push(b'\n');
+                self.count += 1;
+            }
+            Err(e) => {
+                // Cannot happen for this struct written to memory; keep the
+                // batch made of whole lines if it ever does.
+                self.batch.truncate(line_start);
+                error!("cannot serialise a message: {e}");
+            }
+        }
+        if self.batch.len() >= BATCH_BYTES {
+            self.flush();
+        }
+    }
+}
+
+/// How one side of a connection ended, for its event 2.
+pub struct Closed<'a> {
+    pub reason: &'a str,
+    pub received: u64,
+    pub sent: u64,
+}

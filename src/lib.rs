@@ -1,0 +1,37 @@
+//! proxy-channel: a self-hosted raw TCP proxy channel.
+//!
+//! Devices connect; their bytes go to up to three target servers, the
+//! targets' replies come back, and every connect, disconnect and packet is
+//! recorded as a JSON line in rotated files.
+//!
+//! Threads and how data flows:
+//! - the **acceptor** ([`acceptor`]) accepts device sockets, names each with
+//!   an ident and hands it to a **worker** in turn, over the worker's command
+//!   channel and its poll waker;
+//! - each **worker** ([`worker`]) runs one mio poll loop over its
+//!   connections; a [`connection`] (the device socket and its target
+//!   sockets, see [`socket`]) lives on one worker for its whole life;
+//! - workers (and the acceptor) turn events into JSON lines with their
+//!   [`journal`] and push batches of lines onto one bounded channel;
+//! - the **writer** ([`store`]) drains that channel into
+//!   `messages.jsonl`, rotating and pruning files ([`rotation`]);
+//! - a **resolver** thread per target host name ([`resolver`]) keeps its
+//!   address fresh so that workers never wait on DNS;
+//! - the main thread ([`daemon`]) starts all of this, then waits for
+//!   signals: SIGHUP rotates, SIGTERM/SIGINT shut down.
+#![deny(rust_2018_idioms)]
+
+pub mod acceptor;
+pub mod config;
+pub mod connection;
+pub mod daemon;
+pub mod journal;
+pub mod limits;
+pub mod message;
+pub mod reason;
+pub mod resolver;
+pub mod rotation;
+pub mod socket;
+pub mod store;
+pub mod units;
+pub mod worker;

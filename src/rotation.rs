@@ -1,0 +1,177 @@
+//! The names of message files and which rotated files to keep.
+//!
+//! The current file is `messages.jsonl`; a rotated one is
+//! `messages-YYYYMMDDTHHMMSSZ.jsonl` (UTC), or `..Z_001.jsonl`, `..Z_002.jsonl`
+//! when several fall in one second, so that plain name order is age order.
+//! Only names of exactly this shape are ours: retention never touches any
+//! other file in the folder.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+pub const CURRENT: &str = "messages.jsonl";
+const PREFIX: &str = "messages-";
+const SUFFIX: &str = ".jsonl";
+
+/// A rotated file found in the data folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RotatedFile {
+    pub path: PathBuf,
+    /// When it was rotated (to the second), from its name.
+    pub rotated_at: SystemTime,
+    pub counter: u32,
+}
+
+/// `messages-20261126T101500Z.jsonl`, or with `_NNN` for a counter above 0.
+pub fn rotated_name(rotated_at: SystemTime, counter: u32) -> String {
+    let stamp = humantime::format_rfc3339_seconds(rotated_at)
+        .to_string()
+        .replace(['-', ':'], "");
+    match counter {
+        0 => format!("{PREFIX}{stamp}{SUFFIX}"),
+        n => format!("{PREFIX}{stamp}_{n:03}{SUFFIX}"),
+    }
+}
+
+/// The time and counter of a name made by [`rotated_name`].
+pub fn parse_rotated_name(name: &str) -> Option<(SystemTime, u32)> {
+    let middle = name.strip_prefix(PREFIX)?.strip_suffix(SUFFIX)?;
+    let (stamp, counter) = match middle.split_once('_') {
+        Some((stamp, counter)) if counter.len() >= 3 => (stamp, counter.parse().ok()?),
+        Some(_) => return None,
+        None => (middle, 0),
+    };
+    let b = stamp.as_bytes();
+    let shape_ok = b.len() == 16
+        && b[8] == b'T'
+        && b[15] == b'Z'
+        && b[..8].iter().chain(&b[9..15]).all(u8::is_ascii_digit);
+    if !shape_ok {
+        return None;
+    }
+    let rfc3339 = format!(
+        "{}-{}-{}T{}:{}:{}Z",
+        &stamp[0..4],
+        &stamp[4..6],
+        &stamp[6..8],
+        &stamp[9..11],
+        &stamp[11..13],
+        &stamp[13..15]
+    );
+    let time = humantime::parse_rfc3339(&rfc3339).ok()?;
+    Some((time, counter))
+}
+
+/// Our rotated files in `dir`, oldest first.
+pub fn rotated_files(dir: &Path) -> io::Result<Vec<RotatedFile>> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some((rotated_at, counter)) = name.to_str().and_then(parse_rotated_name) else {
+            continue;
+        };
+        files.push(RotatedFile {
+            path: entry.path(),
+            rotated_at,
+            counter,
+        });
+    }
+    files.sort_by_key(|f| (f.rotated_at, f.counter));
+    Ok(files)
+}
+
+/// A free name for a file rotated now.
+pub fn next_rotated_path(dir: &Path, now: SystemTime) -> PathBuf {
+    (0..)
+        .map(|counter| dir.join(rotated_name(now, counter)))
+        .find(|path| !path.exists())
+        .unwrap_or_else(|| dir.join(rotated_name(now, u32::MAX)))
+}
+
+/// The rotated files to delete: beyond the newest `keep` ones, or rotated
+/// more than `max_age` before `now`. Oldest first.
+pub fn expired(
+    files: &[RotatedFile],
+    keep: usize,
+    max_age: Duration,
+    now: SystemTime,
+) -> Vec<PathBuf> {
+    let surplus = files.len().saturating_sub(keep);
+    files
+        .iter()
+        .enumerate()
+        .filter(|(index, file)| {
+            let age = now.duration_since(file.rotated_at).unwrap_or_default();
+            *index < surplus || age > max_age
+        })
+        .map(|(_, file)| file.path.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::UNIX_EPOCH;
+
+    fn at(seconds: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(seconds)
+    }
+
+    #[test]
+    fn names_carry_utc_time_and_sort_by_age() {
+        let t = at(1_795_000_000);
+        assert_eq!(rotated_name(t, 0), "messages-20261118T110640Z.jsonl");
+        let mut names = vec![
+            rotated_name(at(1_795_000_001), 0),
+            rotated_name(t, 2),
+            rotated_name(t, 1),
+            rotated_name(t, 0),
+        ];
+        let in_age_order = names.clone();
+        names.sort();
+        assert_eq!(names, in_age_order.into_iter().rev().collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn names_parse_back_and_foreign_names_do_not() {
+        let t = at(1_795_000_000);
+        assert_eq!(parse_rotated_name(&rotated_name(t, 0)), Some((t, 0)));
+        assert_eq!(parse_rotated_name(&rotated_name(t, 12)), Some((t, 12)));
+        for foreign in [
+            "messages.jsonl",
+            "messages-backup.jsonl",
+            "messages-20261118T110640Z.jsonl.gz",
+            "messages-20261118T110640Z_1.jsonl",
+            "notes.txt",
+        ] {
+            assert_eq!(parse_rotated_name(foreign), None, "{foreign}");
+        }
+    }
+
+    #[test]
+    fn retention_drops_the_oldest_beyond_the_count_and_the_too_old() {
+        let files: Vec<RotatedFile> = (0..5)
+            .map(|i| RotatedFile {
+                path: PathBuf::from(format!("f{i}")),
+                rotated_at: at(1000 + i * 100),
+                counter: 0,
+            })
+            .collect();
+        let now = at(1500);
+        assert_eq!(
+            expired(&files, 3, Duration::from_secs(10_000), now),
+            vec![PathBuf::from("f0"), PathBuf::from("f1")]
+        );
+        assert_eq!(
+            expired(&files, 10, Duration::from_secs(250), now),
+            vec![
+                PathBuf::from("f0"),
+                PathBuf::from("f1"),
+                PathBuf::from("f2")
+            ]
+        );
+    }
+}

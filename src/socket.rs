@@ -1,0 +1,215 @@
+//! One non-blocking TCP socket of a connection: its cached readiness, its
+//! bounded write queue and its byte counters.
+//!
+//! Registration is edge-triggered, so readiness is remembered here: a flag is
+//! set by a poll event and cleared only when the operation returns
+//! `WouldBlock`. That lets the connection pause reading (backpressure) and
+//! resume later without re-registering or waiting for an event that will
+//! never come. Reads and writes return their outcome as a value; errors
+//! that end a socket are ordinary values on this path, not panics.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+
+use mio::net::TcpStream;
+
+/// What one `read` did.
+#[derive(Debug)]
+pub enum ReadOutcome {
+    /// This many bytes are at the front of the buffer.
+    Data(usize),
+    /// Nothing to read now; the readable flag is cleared.
+    WouldBlock,
+    /// The peer closed its sending side (end of stream).
+    Closed,
+    Failed(io::Error),
+}
+
+/// A TCP socket with what is queued for it.
+pub struct Endpoint {
+    pub stream: TcpStream,
+    queue: OutQueue,
+    /// May have bytes to read (or an error/EOF to report).
+    pub readable: bool,
+    /// May accept bytes.
+    pub writable: bool,
+    /// The peer's end of stream has been read.
+    pub read_closed: bool,
+    /// Our sending side has been shut down.
+    pub write_closed: bool,
+    /// Bytes read from this socket.
+    pub received: u64,
+    /// Bytes written to this socket.
+    pub sent: u64,
+}
+
+impl Endpoint {
+    /// A socket that is (or will be) connected; `ready` sets the initial
+    /// readiness hints, true for an accepted socket, false while connecting.
+    pub fn new(stream: TcpStream, ready: bool) -> Endpoint {
+        Endpoint {
+            stream,
+            queue: OutQueue::default(),
+            readable: ready,
+            writable: ready,
+            read_closed: false,
+            write_closed: false,
+            received: 0,
+            sent: 0,
+        }
+    }
+
+    /// Reads once into `buf`.
+    pub fn read(&mut self, buf: &mut [u8]) -> ReadOutcome {
+        loop {
+            match self.stream.read(buf) {
+                Ok(0) => {
+                    self.read_closed = true;
+                    return ReadOutcome::Closed;
+                }
+                Ok(n) => {
+                    self.received += n as u64;
+                    return ReadOutcome::Data(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.readable = false;
+                    return ReadOutcome::WouldBlock;
+                }
+                Err(e) => return ReadOutcome::Failed(e),
+            }
+        }
+    }
+
+    /// Bytes waiting to be written.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Sends `data` after what is already queued: written straight away
+    /// when possible, the rest queued. Returns the bytes written now.
+    pub fn send(&mut self, data: &[u8]) -> io::Result<usize> {
+        let mut written = 0;
+        if self.queue.is_empty() && self.writable {
+            written = write_some(&mut self.stream, &mut self.writable, data)?;
+            self.sent += written as u64;
+        }
+        if written < data.len() {
+            self.queue.push(&data[written..]);
+        }
+        Ok(written)
+    }
+
+    /// Writes queued bytes until the queue is empty or the socket is full.
+    /// Returns the bytes written.
+    pub fn flush(&mut self) -> io::Result<usize> {
+        let mut total = 0;
+        while self.writable && !self.queue.is_empty() {
+            let n = write_some(&mut self.stream, &mut self.writable, self.queue.front())?;
+            if n == 0 {
+                break;
+            }
+            self.sent += n as u64;
+            self.queue.consume(n);
+            total += n;
+        }
+        Ok(total)
+    }
+
+    /// Shuts down our sending side once (passes the peer's FIN on).
+    pub fn shutdown_write(&mut self) -> io::Result<()> {
+        if self.write_closed {
+            return Ok(());
+        }
+        self.write_closed = true;
+        match self.stream.shutdown(Shutdown::Write) {
+            Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Writes as much of `data` as the socket takes now; clears `writable`
+/// when it is full.
+fn write_some(stream: &mut TcpStream, writable: &mut bool, data: &[u8]) -> io::Result<usize> {
+    let mut written = 0;
+    while written < data.len() {
+        match stream.write(&data[written..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                *writable = false;
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(written)
+}
+
+/// Bytes a slow peer has not taken yet. Holds no allocation while empty, so
+/// an idle connection costs no buffer memory.
+#[derive(Default)]
+pub struct OutQueue {
+    bytes: Vec<u8>,
+    /// Bytes before this offset have been written.
+    head: usize,
+}
+
+impl OutQueue {
+    pub fn len(&self) -> usize {
+        self.bytes.len() - self.head
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn front(&self) -> &[u8] {
+        &self.bytes[self.head..]
+    }
+
+    pub fn push(&mut self, data: &[u8]) {
+        if self.head > 0 && self.head >= self.bytes.len() / 2 {
+            self.bytes.drain(..self.head);
+            self.head = 0;
+        }
+        self.bytes.extend_from_slice(data);
+    }
+
+    pub fn consume(&mut self, n: usize) {
+        self.head += n;
+        if self.head >= self.bytes.len() {
+            self.bytes = Vec::new();
+            self.head = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OutQueue;
+
+    #[test]
+    fn queue_keeps_order_across_partial_consumes() {
+        let mut queue = OutQueue::default();
+        queue.push(b"hello ");
+        queue.consume(2);
+        queue.push(b"world");
+        assert_eq!(queue.front(), b"llo world");
+        queue.consume(4);
+        queue.push(b"!");
+        assert_eq!(queue.front(), b"world!");
+        assert_eq!(queue.len(), 6);
+    }
+
+    #[test]
+    fn an_empty_queue_holds_no_memory() {
+        let mut queue = OutQueue::default();
+        queue.push(&[7; 4096]);
+        queue.consume(4096);
+        assert!(queue.is_empty());
+        assert_eq!(queue.bytes.capacity(), 0);
+    }
+}

@@ -1,0 +1,328 @@
+//! The file-writer thread: JSON lines into `messages.jsonl`, rotation,
+//! retention and durability.
+//!
+//! It drains the bounded channel, appends whole batches of lines to its
+//! buffer, and writes the buffer out whenever the channel is empty (so data
+//! reaches the file well within a second) or the buffer is large. A write
+//! that fails (disk full, folder gone) is logged once per kind and retried
+//! with backoff while the channel fills up and holds the workers back:
+//! nothing that entered the channel is dropped. Rotation and shutdown fsync
+//! the file and the folder. If `messages.jsonl` is moved or deleted under it
+//! (logrotate), the writer notices within a second and starts a new one.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use log::{error, info, warn};
+
+use crate::config::Config;
+use crate::journal::StoreCommand;
+use crate::rotation::{self, CURRENT};
+
+/// Write once this much is buffered, even if more is waiting.
+const WRITE_CHUNK: usize = 1 << 20;
+/// How often the writer looks at the file and the folder when idle.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// The data folder cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write messages in {dir}: {source}")]
+pub struct StoreError {
+    pub dir: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    pub dir: PathBuf,
+    pub rotate_size: u64,
+    pub rotate_interval: Duration,
+    pub retain_files: usize,
+    pub retain_age: Duration,
+}
+
+impl StoreSettings {
+    pub fn new(config: &Config) -> StoreSettings {
+        StoreSettings {
+            dir: config.data_dir.clone(),
+            rotate_size: config.rotate_size,
+            rotate_interval: config.rotate_interval,
+            retain_files: config.retain_files,
+            retain_age: config.retain_age,
+        }
+    }
+}
+
+/// The open current file and what is known about it.
+struct Current {
+    file: File,
+    /// Device and inode, to notice the file being moved away.
+    identity: (u64, u64),
+    size: u64,
+    opened_at: SystemTime,
+}
+
+pub struct Store {
+    settings: StoreSettings,
+    path: PathBuf,
+    current: Current,
+    pending: Vec<u8>,
+    /// Error kinds already logged since the last successful write.
+    reported: HashSet<io::ErrorKind>,
+    rotate_retry_at: Option<Instant>,
+    lines_written: u64,
+}
+
+impl Store {
+    /// Creates the folder if needed and opens the current file for append.
+    pub fn open(settings: StoreSettings) -> Result<Store, StoreError> {
+        let fail = |source| StoreError {
+            dir: settings.dir.clone(),
+            source,
+        };
+        fs::create_dir_all(&settings.dir).map_err(fail)?;
+        let path = settings.dir.join(CURRENT);
+        let current = open_current(&path).map_err(fail)?;
+        let mut store = Store {
+            settings,
+            path,
+            current,
+            pending: Vec::with_capacity(WRITE_CHUNK),
+            reported: HashSet::new(),
+            rotate_retry_at: None,
+            lines_written: 0,
+        };
+        store.apply_retention();
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The writer loop; returns once every sender is gone and all is synced.
+    pub fn run(mut self, receiver: Receiver<StoreCommand>) {
+        let mut last_housekeeping = Instant::now();
+        loop {
+            match receiver.recv_timeout(HOUSEKEEPING_EVERY) {
+                Ok(command) => self.apply(command),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            while self.pending.len() < WRITE_CHUNK {
+                match receiver.try_recv() {
+                    Ok(command) => self.apply(command),
+                    Err(_) => break,
+                }
+            }
+            self.write_pending();
+            self.rotate_if_due();
+            if last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
+                last_housekeeping = Instant::now();
+                self.follow_moved_file();
+                self.apply_retention();
+            }
+        }
+        self.write_pending();
+        self.sync("shutdown");
+        info!("message writer stopped after {} lines", self.lines_written);
+    }
+
+    fn apply(&mut self, command: StoreCommand) {
+        match command {
+            StoreCommand::Write(batch) => {
+                self.pending.extend_from_slice(&batch.lines);
+                self.lines_written += batch.count as u64;
+            }
+            StoreCommand::Rotate => {
+                self.write_pending();
+                self.follow_moved_file();
+                self.rotate("SIGHUP");
+            }
+        }
+    }
+
+    /// Writes the whole buffer, retrying with backoff until it is done.
+    fn write_pending(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        // Lines written into a file that was deleted would be lost.
+        self.follow_moved_file();
+        let mut backoff = RETRY_FIRST;
+        let mut written = 0;
+        while written < self.pending.len() {
+            match self.current.file.write(&self.pending[written..]) {
+                Ok(0) => self.write_failed(io::ErrorKind::WriteZero.into(), &mut backoff),
+                Ok(n) => {
+                    written += n;
+                    self.current.size += n as u64;
+                    if !self.reported.is_empty() {
+                        self.reported.clear();
+                        info!("writing messages to {} again", self.path.display());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => self.write_failed(e, &mut backoff),
+            }
+        }
+        self.pending.clear();
+    }
+
+    fn write_failed(&mut self, error: io::Error, backoff: &mut Duration) {
+        if self.reported.insert(error.kind()) {
+            error!(
+                "cannot write messages to {}: {error}; retrying, nothing is dropped",
+                self.path.display()
+            );
+        }
+        std::thread::sleep(*backoff);
+        *backoff = (*backoff * 2).min(RETRY_MAX);
+        self.follow_moved_file();
+    }
+
+    fn rotate_if_due(&mut self) {
+        if self.rotate_retry_at.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        if self.current.size >= self.settings.rotate_size {
+            self.rotate("size");
+        } else if self.current.size > 0 {
+            let age = self.current.opened_at.elapsed().unwrap_or_default();
+            if age >= self.settings.rotate_interval {
+                self.rotate("interval");
+            }
+        }
+    }
+
+    /// Renames the current file to its rotated name and starts a new one.
+    fn rotate(&mut self, why: &str) {
+        if self.current.size == 0 {
+            return;
+        }
+        self.sync(why);
+        let target = rotation::next_rotated_path(&self.settings.dir, SystemTime::now());
+        let renamed = fs::rename(&self.path, &target).and_then(|()| open_current(&self.path));
+        match renamed {
+            Ok(current) => {
+                info!(
+                    "rotated {} to {} ({why}, {} bytes)",
+                    CURRENT,
+                    target.display(),
+                    self.current.size
+                );
+                self.current = current;
+                self.rotate_retry_at = None;
+                sync_dir(&self.settings.dir);
+                self.apply_retention();
+            }
+            Err(e) => {
+                warn!("cannot rotate {}: {e}; will retry", self.path.display());
+                self.rotate_retry_at = Some(Instant::now() + Duration::from_secs(10));
+            }
+        }
+    }
+
+    /// If `messages.jsonl` is no longer our open file (moved or deleted),
+    /// syncs ours and opens a new one at the path.
+    fn follow_moved_file(&mut self) {
+        let ours =
+            fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.current.identity);
+        if ours {
+            return;
+        }
+        self.sync("moved");
+        let reopened =
+            fs::create_dir_all(&self.settings.dir).and_then(|()| open_current(&self.path));
+        match reopened {
+            Ok(current) => {
+                info!(
+                    "{} was moved or removed; started a new one",
+                    self.path.display()
+                );
+                self.current = current;
+                sync_dir(&self.settings.dir);
+            }
+            Err(e) => {
+                if self.reported.insert(e.kind()) {
+                    error!("cannot reopen {}: {e}", self.path.display());
+                }
+            }
+        }
+    }
+
+    fn apply_retention(&mut self) {
+        let files = match rotation::rotated_files(&self.settings.dir) {
+            Ok(files) => files,
+            Err(e) => {
+                warn!("cannot list {}: {e}", self.settings.dir.display());
+                return;
+            }
+        };
+        let expired = rotation::expired(
+            &files,
+            self.settings.retain_files,
+            self.settings.retain_age,
+            SystemTime::now(),
+        );
+        for path in expired {
+            match fs::remove_file(&path) {
+                Ok(()) => info!("deleted {} (retention)", path.display()),
+                Err(e) => warn!("cannot delete {}: {e}", path.display()),
+            }
+        }
+    }
+
+    fn sync(&mut self, why: &str) {
+        if let Err(e) = self.current.file.sync_all() {
+            warn!("cannot sync {} ({why}): {e}", self.path.display());
+        }
+        sync_dir(&self.settings.dir);
+    }
+}
+
+/// Opens (or creates) the current file for append. A last line cut short
+/// by a crash is ended with a newline, so the next line stays whole.
+fn open_current(path: &Path) -> io::Result<Current> {
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .open(path)?;
+    let metadata = file.metadata()?;
+    let mut size = metadata.len();
+    if size > 0 {
+        let mut last = [0u8];
+        file.seek(SeekFrom::End(-1))?;
+        file.read_exact(&mut last)?;
+        if last[0] != b'\n' {
+            warn!(
+                "the last line of {} was cut short (a crash?); it is kept and ended",
+                path.display()
+            );
+            file.write_all(b"\n")?;
+            size += 1;
+        }
+    }
+    let opened_at = metadata.created().unwrap_or_else(|_| SystemTime::now());
+    Ok(Current {
+        file,
+        identity: (metadata.dev(), metadata.ino()),
+        size,
+        opened_at,
+    })
+}
+
+fn sync_dir(dir: &Path) {
+    if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+        warn!("cannot sync folder {}: {e}", dir.display());
+    }
+}

@@ -1,0 +1,291 @@
+//! A worker thread: one mio `Poll` over all of its connections.
+//!
+//! The worker owns its poll, its connections (in a slab, so a token maps to a
+//! slot), one read buffer shared by all of them, and its journal. Nothing in
+//! the loop is shared with other threads: new sockets, target addresses and
+//! the shutdown order arrive as [`Command`]s on a channel, announced by the
+//! poll's waker. Each iteration: wait for events, note them on the
+//! connections, drive the connections that have work, check timers about
+//! ten times per timeout, and hand the iteration's messages to the writer.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use log::{debug, error, warn};
+use mio::net::TcpStream;
+use mio::{Events, Poll, Token, Waker};
+use slab::Slab;
+
+use crate::config::MAX_TARGETS;
+use crate::connection::{Connection, Context, Drive, Settings, slot_and_side};
+use crate::journal::Journal;
+use crate::message::Origin;
+use crate::reason;
+
+/// The bytes one read may return: a packet is at most this large.
+pub const READ_BUFFER: usize = 256 * 1024;
+
+const WAKER: Token = Token(usize::MAX);
+
+/// What other threads ask of a worker.
+pub enum Command {
+    /// A new device connection to take over.
+    Adopt { stream: TcpStream, origin: Origin },
+    /// Target `number` now lives at this address (`None`: not resolvable).
+    TargetAddress {
+        number: u8,
+        address: Option<SocketAddr>,
+    },
+    /// Close every connection with reason `shutdown` and stop.
+    Shutdown,
+}
+
+/// How other threads reach a worker.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    sender: Sender<Command>,
+    waker: Arc<Waker>,
+}
+
+impl WorkerHandle {
+    /// Queues a command without waking the worker; returns false when the
+    /// worker has stopped.
+    pub fn post(&self, command: Command) -> bool {
+        self.sender.send(command).is_ok()
+    }
+
+    /// Makes the worker look at its commands.
+    pub fn wake(&self) {
+        if let Err(e) = self.waker.wake() {
+            error!("cannot wake a worker: {e}");
+        }
+    }
+
+    /// Posts and wakes.
+    pub fn send(&self, command: Command) -> bool {
+        let posted = self.post(command);
+        self.wake();
+        posted
+    }
+}
+
+pub struct Worker {
+    id: usize,
+    poll: Poll,
+    inbox: Receiver<Command>,
+    connections: Slab<Connection>,
+    /// Slots of connections that have work (events or budget left over).
+    scheduled: Vec<usize>,
+    settings: Arc<Settings>,
+    journal: Journal,
+    buffer: Vec<u8>,
+    addresses: [Option<SocketAddr>; MAX_TARGETS],
+    open_connections: Arc<AtomicUsize>,
+    tick: Duration,
+}
+
+/// Everything a worker starts with.
+pub struct WorkerSetup {
+    pub id: usize,
+    pub settings: Arc<Settings>,
+    pub journal: Journal,
+    pub addresses: [Option<SocketAddr>; MAX_TARGETS],
+    pub open_connections: Arc<AtomicUsize>,
+}
+
+impl Worker {
+    /// Creates the worker's poll and waker here, so errors reach the caller,
+    /// then runs the loop on a new thread.
+    pub fn spawn(setup: WorkerSetup) -> io::Result<(WorkerHandle, JoinHandle<()>)> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (sender, inbox) = crossbeam_channel::unbounded();
+        let tick = timer_tick(&setup.settings);
+        let mut worker = Worker {
+            id: setup.id,
+            poll,
+            inbox,
+            connections: Slab::new(),
+            scheduled: Vec::new(),
+            settings: setup.settings,
+            journal: setup.journal,
+            buffer: vec![0; READ_BUFFER],
+            addresses: setup.addresses,
+            open_connections: setup.open_connections,
+            tick,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("worker-{}", setup.id))
+            .spawn(move || worker.run())?;
+        Ok((WorkerHandle { sender, waker }, thread))
+    }
+
+    fn run(&mut self) {
+        let mut events = Events::with_capacity(1024);
+        let mut next_tick = Instant::now() + self.tick;
+        loop {
+            let timeout = match self.scheduled.is_empty() {
+                true => next_tick.saturating_duration_since(Instant::now()),
+                false => Duration::ZERO,
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    error!("[worker {}] poll failed: {e}", self.id);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                continue;
+            }
+            let now = Instant::now();
+            let mut stop = false;
+            for event in &events {
+                if event.token() == WAKER {
+                    stop |= self.take_commands(now);
+                    continue;
+                }
+                let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+                let writable = event.is_writable() || event.is_write_closed() || event.is_error();
+                self.note(event.token(), readable, writable);
+            }
+            if stop {
+                self.close_all(reason::SHUTDOWN, now);
+                self.journal.flush();
+                return;
+            }
+            self.drive_scheduled(now);
+            if now >= next_tick {
+                self.check_timers(now);
+                next_tick = now + self.tick;
+            }
+            self.journal.flush();
+        }
+    }
+
+    fn note(&mut self, token: Token, readable: bool, writable: bool) {
+        let (slot, side) = slot_and_side(token);
+        if let Some(connection) = self.connections.get_mut(slot) {
+            connection.note_readiness(side, readable, writable);
+            schedule(&mut self.scheduled, connection, slot);
+        }
+    }
+
+    /// Handles queued commands; returns true on shutdown.
+    fn take_commands(&mut self, now: Instant) -> bool {
+        loop {
+            match self.inbox.try_recv() {
+                Ok(Command::Adopt { stream, origin }) => self.adopt(stream, origin, now),
+                Ok(Command::TargetAddress { number, address }) => {
+                    self.addresses[usize::from(number - 1)] = address;
+                }
+                Ok(Command::Shutdown) => return true,
+                Err(TryRecvError::Empty) => return false,
+                Err(TryRecvError::Disconnected) => return true,
+            }
+        }
+    }
+
+    fn adopt(&mut self, stream: TcpStream, origin: Origin, now: Instant) {
+        debug!(
+            "[worker {}] {}: connected from {}",
+            self.id, origin.ident, origin.peer
+        );
+        let entry = self.connections.vacant_entry();
+        let slot = entry.key();
+        let mut ctx = Context {
+            registry: self.poll.registry(),
+            journal: &mut self.journal,
+            settings: &self.settings,
+            addresses: &self.addresses,
+            now,
+        };
+        let connection = entry.insert(Connection::open(slot, stream, origin, &mut ctx));
+        schedule(&mut self.scheduled, connection, slot);
+    }
+
+    fn drive_scheduled(&mut self, now: Instant) {
+        let mut ctx = Context {
+            registry: self.poll.registry(),
+            journal: &mut self.journal,
+            settings: &self.settings,
+            addresses: &self.addresses,
+            now,
+        };
+        let slots = std::mem::take(&mut self.scheduled);
+        for &slot in &slots {
+            let Some(connection) = self.connections.get_mut(slot) else {
+                continue;
+            };
+            connection.scheduled = false;
+            match connection.drive(&mut ctx, &mut self.buffer) {
+                Drive::Idle => {}
+                Drive::Busy => schedule(&mut self.scheduled, connection, slot),
+                Drive::Finished => {
+                    self.connections.remove(slot);
+                    self.open_connections.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
+        // Reuse the list's allocation for the next iteration.
+        let mut slots = slots;
+        slots.clear();
+        if self.scheduled.is_empty() {
+            self.scheduled = slots;
+        }
+    }
+
+    fn check_timers(&mut self, now: Instant) {
+        let ctx = Context {
+            registry: self.poll.registry(),
+            journal: &mut self.journal,
+            settings: &self.settings,
+            addresses: &self.addresses,
+            now,
+        };
+        let mut ctx = ctx;
+        for (slot, connection) in self.connections.iter_mut() {
+            if connection.check_timers(&mut ctx) {
+                schedule(&mut self.scheduled, connection, slot);
+            }
+        }
+        if !self.scheduled.is_empty() {
+            self.drive_scheduled(now);
+        }
+    }
+
+    fn close_all(&mut self, why: &'static str, now: Instant) {
+        for (slot, connection) in self.connections.iter_mut() {
+            connection.close(why);
+            schedule(&mut self.scheduled, connection, slot);
+        }
+        let open = self.connections.len();
+        self.drive_scheduled(now);
+        if !self.connections.is_empty() {
+            warn!(
+                "[worker {}] {} of {open} connections did not close",
+                self.id,
+                self.connections.len()
+            );
+        }
+    }
+}
+
+fn schedule(scheduled: &mut Vec<usize>, connection: &mut Connection, slot: usize) {
+    if !connection.scheduled {
+        connection.scheduled = true;
+        scheduled.push(slot);
+    }
+}
+
+/// Timers are checked about ten times per shortest timeout, between 10 ms
+/// and 1 s apart.
+fn timer_tick(settings: &Settings) -> Duration {
+    let shortest = match settings.idle_timeout {
+        Some(idle) => idle.min(settings.connect_timeout),
+        None => settings.connect_timeout,
+    };
+    (shortest / 10).clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
