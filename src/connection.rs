@@ -298,7 +298,8 @@ impl Connection {
         ctx.journal
             .dropped(self.origin, spec.number, Some(&spec.label), &closed);
         if spec.mandatory {
-            self.end(reason::mandatory_failed(spec.number), why, false);
+            let whole = reason::mandatory_failed(spec.number);
+            self.end(whole.clone(), whole, false);
         }
     }
 
@@ -530,7 +531,8 @@ impl Connection {
         log::debug!("{}: target {} {why}", self.origin.ident, spec.number);
         self.drop_target(index, why.clone(), ctx);
         if spec.mandatory {
-            self.end(reason::mandatory_failed(spec.number), why, false);
+            let whole = reason::mandatory_failed(spec.number);
+            self.end(whole.clone(), whole, false);
         }
     }
 
