@@ -506,11 +506,9 @@ impl Connection {
             }
         }
         if self.targets.iter().all(Option::is_none) && self.ending.is_none() {
-            self.end(
-                reason::CLOSED_BY_PEER.into(),
-                reason::DEVICE_CLOSED.into(),
-                true,
-            );
+            // No target is left to be given a reason.
+            let why: Reason = reason::CLOSED_BY_PEER.into();
+            self.end(why.clone(), why, true);
         }
     }
 

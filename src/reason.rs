@@ -17,8 +17,6 @@ pub const CONNECT_TIMEOUT: &str = "connect timeout";
 pub const TARGET_BUFFER_OVERFLOW: &str = "target buffer overflow";
 pub const SHUTDOWN: &str = "shutdown";
 pub const TOO_MANY_CONNECTIONS: &str = "too many connections";
-/// A target closed because its device went away first.
-pub const DEVICE_CLOSED: &str = "device closed";
 /// A target closed because its device reset or failed.
 pub const DEVICE_FAILED: &str = "device failed";
 
