@@ -183,8 +183,9 @@ impl Connection {
         self.origin
     }
 
-    /// Records a poll event's hints for one side.
-    pub fn note_readiness(&mut self, side: usize, readable: bool, writable: bool) {
+    /// Records a poll event's hints for one side; `hangup` when the event
+    /// reported the peer's end of stream or an error.
+    pub fn note_readiness(&mut self, side: usize, readable: bool, writable: bool, hangup: bool) {
         let endpoint = match side {
             0 => &mut self.device,
             n => match &mut self.targets[n - 1] {
@@ -192,8 +193,9 @@ impl Connection {
                 None => return,
             },
         };
-        endpoint.readable |= readable;
-        endpoint.writable |= writable;
+        endpoint.readable |= readable || hangup;
+        endpoint.writable |= writable || hangup;
+        endpoint.hangup |= hangup;
     }
 
     /// Moves bytes until nothing more can move now.

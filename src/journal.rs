@@ -14,6 +14,8 @@ use crate::message::{Event, Hex, Message, Origin, now_timestamp};
 /// A batch is sent once it holds this many bytes (or at the end of a loop
 /// iteration, whichever comes first).
 const BATCH_BYTES: usize = 128 * 1024;
+/// A new batch starts this large (below malloc's mmap threshold) and grows.
+const BATCH_START: usize = 16 * 1024;
 
 /// Whole JSON lines, each ending in `\n`.
 pub struct Batch {
@@ -98,7 +100,7 @@ impl Journal {
             return;
         }
         let batch = Batch {
-            lines: std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_BYTES)),
+            lines: std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_START)),
             count: std::mem::take(&mut self.count),
         };
         if self.sender.send(StoreCommand::Write(batch)).is_err() && !self.writer_gone_reported {

@@ -33,6 +33,9 @@ pub struct Endpoint {
     pub readable: bool,
     /// May accept bytes.
     pub writable: bool,
+    /// A poll event reported the peer's end of stream or an error: read
+    /// until the read says so, even after a short read.
+    pub hangup: bool,
     /// The peer's end of stream has been read.
     pub read_closed: bool,
     /// Our sending side has been shut down.
@@ -52,6 +55,7 @@ impl Endpoint {
             queue: OutQueue::default(),
             readable: ready,
             writable: ready,
+            hangup: false,
             read_closed: false,
             write_closed: false,
             received: 0,
@@ -60,6 +64,12 @@ impl Endpoint {
     }
 
     /// Reads once into `buf`.
+    ///
+    /// A read that returns less than asked for has drained the socket, so
+    /// the readable flag is cleared without another read just to hear
+    /// `WouldBlock`: on Linux an edge-triggered registration reports every
+    /// arrival of new data. The end of stream is the exception, as it
+    /// arrives with no new edge; `hangup` keeps reading until it is seen.
     pub fn read(&mut self, buf: &mut [u8]) -> ReadOutcome {
         loop {
             match self.stream.read(buf) {
@@ -69,6 +79,9 @@ impl Endpoint {
                 }
                 Ok(n) => {
                     self.received += n as u64;
+                    if n < buf.len() && !self.hangup {
+                        self.readable = false;
+                    }
                     return ReadOutcome::Data(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -130,12 +143,18 @@ impl Endpoint {
 }
 
 /// Writes as much of `data` as the socket takes now; clears `writable`
-/// when it is full.
+/// when it is full (a short write means full: the next edge says when
+/// there is room again).
 fn write_some(stream: &mut TcpStream, writable: &mut bool, data: &[u8]) -> io::Result<usize> {
     let mut written = 0;
     while written < data.len() {
         match stream.write(&data[written..]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) if written + n < data.len() => {
+                written += n;
+                *writable = false;
+                break;
+            }
             Ok(n) => written += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

@@ -147,9 +147,13 @@ impl Worker {
                     stop |= self.take_commands(now);
                     continue;
                 }
-                let readable = event.is_readable() || event.is_read_closed() || event.is_error();
-                let writable = event.is_writable() || event.is_write_closed() || event.is_error();
-                self.note(event.token(), readable, writable);
+                let hangup = event.is_read_closed() || event.is_error();
+                self.note(
+                    event.token(),
+                    event.is_readable(),
+                    event.is_writable(),
+                    hangup,
+                );
             }
             if stop {
                 self.close_all(reason::SHUTDOWN, now);
@@ -165,10 +169,10 @@ impl Worker {
         }
     }
 
-    fn note(&mut self, token: Token, readable: bool, writable: bool) {
+    fn note(&mut self, token: Token, readable: bool, writable: bool, hangup: bool) {
         let (slot, side) = slot_and_side(token);
         if let Some(connection) = self.connections.get_mut(slot) {
-            connection.note_readiness(side, readable, writable);
+            connection.note_readiness(side, readable, writable, hangup);
             schedule(&mut self.scheduled, connection, slot);
         }
     }
