@@ -11,9 +11,14 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use jiff::Timestamp;
+use jiff::civil::DateTime;
+use jiff::tz::TimeZone;
+
 pub const CURRENT: &str = "messages.jsonl";
 const PREFIX: &str = "messages-";
 const SUFFIX: &str = ".jsonl";
+const STAMP_FORMAT: &str = "%Y%m%dT%H%M%SZ";
 
 /// A rotated file found in the data folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,9 +31,9 @@ pub struct RotatedFile {
 
 /// `messages-20261126T101500Z.jsonl`, or with `_NNN` for a counter above 0.
 pub fn rotated_name(rotated_at: SystemTime, counter: u32) -> String {
-    let stamp = humantime::format_rfc3339_seconds(rotated_at)
-        .to_string()
-        .replace(['-', ':'], "");
+    let stamp = Timestamp::try_from(rotated_at)
+        .unwrap_or(Timestamp::UNIX_EPOCH)
+        .strftime(STAMP_FORMAT);
     match counter {
         0 => format!("{PREFIX}{stamp}{SUFFIX}"),
         n => format!("{PREFIX}{stamp}_{n:03}{SUFFIX}"),
@@ -43,25 +48,16 @@ pub fn parse_rotated_name(name: &str) -> Option<(SystemTime, u32)> {
         Some(_) => return None,
         None => (middle, 0),
     };
-    let b = stamp.as_bytes();
-    let shape_ok = b.len() == 16
-        && b[8] == b'T'
-        && b[15] == b'Z'
-        && b[..8].iter().chain(&b[9..15]).all(u8::is_ascii_digit);
-    if !shape_ok {
+    if stamp.len() != 16 {
         return None;
     }
-    let rfc3339 = format!(
-        "{}-{}-{}T{}:{}:{}Z",
-        &stamp[0..4],
-        &stamp[4..6],
-        &stamp[6..8],
-        &stamp[9..11],
-        &stamp[11..13],
-        &stamp[13..15]
-    );
-    let time = humantime::parse_rfc3339(&rfc3339).ok()?;
-    Some((time, counter))
+    let civil = DateTime::strptime(STAMP_FORMAT, stamp).ok()?;
+    let time = TimeZone::UTC.to_timestamp(civil).ok()?;
+    let seconds = u64::try_from(time.as_second()).ok()?;
+    Some((
+        SystemTime::UNIX_EPOCH + Duration::from_secs(seconds),
+        counter,
+    ))
 }
 
 /// Our rotated files in `dir`, oldest first.
