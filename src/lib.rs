@@ -19,19 +19,27 @@
 //!   address fresh so that workers never wait on DNS;
 //! - the main thread ([`daemon`]) starts all of this, then waits for
 //!   signals: SIGHUP rotates, SIGTERM/SIGINT shut down.
+//!
+//! The tools read the message files back ([`reader`], [`filter`]): the
+//! traffic [`viewer`] and [`replay`]; [`cli`] parses their command lines.
 #![deny(rust_2018_idioms)]
 
 pub mod acceptor;
+pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod daemon;
+pub mod filter;
 pub mod journal;
 pub mod limits;
 pub mod message;
+pub mod reader;
 pub mod reason;
+pub mod replay;
 pub mod resolver;
 pub mod rotation;
 pub mod socket;
 pub mod store;
 pub mod units;
+pub mod viewer;
 pub mod worker;

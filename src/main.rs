@@ -1,36 +1,24 @@
 //! The `proxy-channel` command: parse the command line, start the logger,
-//! run the daemon or a tool, and turn errors into an exit status.
+//! run the daemon or a tool, and turn the outcome into an exit status.
 
+use std::io::Write;
 use std::process::ExitCode;
 
-use proxy_channel::config::{Config, SETTINGS};
-use proxy_channel::daemon;
-
-const USAGE: &str = "\
-proxy-channel: a raw TCP proxy channel with traffic recording
-
-Usage:
-  proxy-channel [run]      run the daemon (configured by the environment)
-  proxy-channel --help     this help
-  proxy-channel --version  the version
-
-Devices connect to PROXY_LISTEN; their bytes go to PROXY_TARGET1..3 and
-the targets' replies come back; connects, disconnects and traffic are
-written as JSON lines to $PROXY_DATA_DIR/messages.jsonl.
-
-Environment (n is a target number, 1 to 3):";
+use proxy_channel::cli::{self, Command};
+use proxy_channel::config::Config;
+use proxy_channel::{daemon, replay, viewer};
 
 fn main() -> ExitCode {
-    let command = match parse_command() {
+    let command = match cli::parse(std::env::args_os().skip(1).collect()) {
         Ok(command) => command,
-        Err(message) => {
-            eprintln!("proxy-channel: {message}; see proxy-channel --help");
+        Err(e) => {
+            eprintln!("proxy-channel: {e}; see proxy-channel --help");
             return ExitCode::from(2);
         }
     };
     match command {
         Command::Help => {
-            print_help();
+            print!("{}", cli::help());
             ExitCode::SUCCESS
         }
         Command::Version => {
@@ -38,42 +26,28 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run => run_daemon(),
-    }
-}
-
-enum Command {
-    Run,
-    Help,
-    Version,
-}
-
-fn parse_command() -> Result<Command, String> {
-    use lexopt::prelude::*;
-    let mut parser = lexopt::Parser::from_env();
-    let mut command = None;
-    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
-        let next = match arg {
-            Short('h') | Long("help") => Command::Help,
-            Short('V') | Long("version") => Command::Version,
-            Value(value) if value == "run" && command.is_none() => Command::Run,
-            other => return Err(other.unexpected().to_string()),
-        };
-        if matches!(next, Command::Help | Command::Version) {
-            return Ok(next);
+        Command::View(options) => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::with_capacity(256 * 1024, stdout.lock());
+            let outcome = viewer::run(&options, &mut out);
+            // A closed pipe (`| head`) is a normal end for a viewer.
+            let _ = out.flush();
+            match outcome {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
         }
-        command = Some(next);
+        Command::Replay(options) => match replay::run(&options) {
+            Ok(summary) if summary.failed == 0 => ExitCode::SUCCESS,
+            Ok(_) => ExitCode::from(1),
+            Err(e) => fail(&e),
+        },
     }
-    Ok(command.unwrap_or(Command::Run))
 }
 
-fn print_help() {
-    println!("{USAGE}");
-    for setting in SETTINGS {
-        println!(
-            "  {:<28} {:<30} {}",
-            setting.name, setting.default, setting.meaning
-        );
-    }
+fn fail(error: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("proxy-channel: {error}");
+    ExitCode::from(1)
 }
 
 fn run_daemon() -> ExitCode {

@@ -6,6 +6,7 @@
 //! is the read-back form used by the viewer, replay and tests. [`Ident`]s are
 //! random-looking yet unique within a run (a bijective mix of a counter).
 
+use std::borrow::Cow;
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -134,30 +135,34 @@ pub struct Message<'a> {
     pub bytes_sent: Option<u64>,
 }
 
-/// One message as it is read back from a file.
+/// One message as it is read back from a file, borrowing its strings from
+/// the line where it can (a payload is never copied just to be looked at).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct StoredMessage {
+pub struct StoredMessage<'a> {
     #[serde(rename = "channel.id")]
     pub channel_id: u64,
     #[serde(rename = "protocol.id")]
     pub protocol_id: u64,
-    pub ident: String,
-    pub peer: String,
+    #[serde(borrow)]
+    pub ident: Cow<'a, str>,
+    #[serde(borrow)]
+    pub peer: Cow<'a, str>,
     #[serde(rename = "proxy.event")]
     pub event: u8,
     #[serde(rename = "proxy.source")]
     pub source: u8,
     #[serde(rename = "proxy.payload.size")]
     pub payload_size: Option<u64>,
-    #[serde(rename = "proxy.payload.hex")]
-    pub payload_hex: Option<String>,
+    /// Hex never needs JSON escapes, so it is always borrowed.
+    #[serde(rename = "proxy.payload.hex", borrow)]
+    pub payload_hex: Option<&'a str>,
     #[serde(rename = "server.timestamp")]
     pub server_timestamp: f64,
     pub timestamp: f64,
-    #[serde(rename = "proxy.target")]
-    pub target: Option<String>,
-    #[serde(rename = "proxy.reason")]
-    pub reason: Option<String>,
+    #[serde(rename = "proxy.target", borrow)]
+    pub target: Option<Cow<'a, str>>,
+    #[serde(rename = "proxy.reason", borrow)]
+    pub reason: Option<Cow<'a, str>>,
     #[serde(rename = "proxy.bytes.received")]
     pub bytes_received: Option<u64>,
     #[serde(rename = "proxy.bytes.sent")]
@@ -211,7 +216,7 @@ mod tests {
     fn a_written_message_reads_back() {
         let payload: Vec<u8> = (0..=255).cycle().take(3000).collect();
         let line = serde_json::to_string(&sample(&payload)).unwrap();
-        let stored: StoredMessage = serde_json::from_str(&line).unwrap();
+        let stored: StoredMessage<'_> = serde_json::from_str(&line).unwrap();
         assert_eq!(hex::decode(stored.payload_hex.unwrap()).unwrap(), payload);
         assert_eq!(stored.ident, "00abcdef01234567");
         assert_eq!(stored.server_timestamp, 1_795_000_000.123_456);

@@ -1,0 +1,227 @@
+//! The command line: which command to run and its options.
+//!
+//! `proxy-channel [run]` is the daemon (configured by the environment, see
+//! `config`); `view` and `replay` read message files. A usage error is a
+//! [`UsageError`]: one line, exit status 2.
+
+use std::ffi::OsString;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lexopt::prelude::*;
+
+use crate::config::SETTINGS;
+use crate::filter::Filter;
+use crate::replay::ReplayOptions;
+use crate::units::parse_duration;
+use crate::viewer::{self, Format, ViewOptions};
+
+pub enum Command {
+    Run,
+    Help,
+    Version,
+    View(ViewOptions),
+    Replay(ReplayOptions),
+}
+
+/// A command line that cannot be used, in one line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+impl From<lexopt::Error> for UsageError {
+    fn from(e: lexopt::Error) -> Self {
+        UsageError(e.to_string())
+    }
+}
+
+/// Parses the arguments after the program name.
+pub fn parse(args: Vec<OsString>) -> Result<Command, UsageError> {
+    let mut parser = lexopt::Parser::from_args(args);
+    let Some(first) = parser.next()? else {
+        return Ok(Command::Run);
+    };
+    match first {
+        Short('h') | Long("help") => Ok(Command::Help),
+        Short('V') | Long("version") => Ok(Command::Version),
+        Value(command) => match command.to_str() {
+            Some("run") => expect_end(&mut parser).map(|()| Command::Run),
+            Some("view") => parse_view(&mut parser).map(Command::View),
+            Some("replay") => parse_replay(&mut parser).map(Command::Replay),
+            _ => Err(UsageError(format!(
+                "unknown command {command:?}: expected run, view or replay"
+            ))),
+        },
+        other => Err(other.unexpected().into()),
+    }
+}
+
+fn expect_end(parser: &mut lexopt::Parser) -> Result<(), UsageError> {
+    match parser.next()? {
+        None => Ok(()),
+        Some(Short('h') | Long("help")) => Err(UsageError("see proxy-channel --help".into())),
+        Some(other) => Err(other.unexpected().into()),
+    }
+}
+
+fn parse_view(parser: &mut lexopt::Parser) -> Result<ViewOptions, UsageError> {
+    let mut options = ViewOptions {
+        paths: Vec::new(),
+        filter: Filter::default(),
+        format: Format::Hex,
+        follow: false,
+        color: std::io::stdout().is_terminal()
+            && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+    };
+    let now = viewer::now();
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Long("text") => options.format = Format::Text,
+            Long("json") => options.format = Format::Json,
+            Short('f') | Long("follow") => options.follow = true,
+            Long("no-color") => options.color = false,
+            Long(name) => {
+                let option = format!("--{name}");
+                let value = string_value(parser)?;
+                if !options
+                    .filter
+                    .set(&option, &value, now)
+                    .map_err(|e| UsageError(e.to_string()))?
+                {
+                    return Err(UsageError(format!("unknown option {option} for view")));
+                }
+            }
+            Value(path) => options.paths.push(PathBuf::from(path)),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    if options.paths.is_empty() {
+        options.paths.push(default_data_dir());
+    }
+    Ok(options)
+}
+
+fn parse_replay(parser: &mut lexopt::Parser) -> Result<ReplayOptions, UsageError> {
+    let mut target = None;
+    let mut options = ReplayOptions {
+        target: String::new(),
+        paths: Vec::new(),
+        filter: Filter::default(),
+        speed: None,
+        concurrency: 1,
+        wait: Duration::from_millis(500),
+    };
+    let now = viewer::now();
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Long("target") => target = Some(string_value(parser)?),
+            Long("speed") => {
+                let value = string_value(parser)?;
+                let speed = value
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|s| s.is_finite() && *s > 0.0);
+                options.speed = Some(speed.ok_or_else(|| {
+                    invalid("--speed", &value, "a number above 0, such as 1 or 10")
+                })?);
+            }
+            Long("concurrency") => {
+                let value = string_value(parser)?;
+                let n = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=10_000).contains(n));
+                options.concurrency = n.ok_or_else(|| {
+                    invalid("--concurrency", &value, "a whole number from 1 to 10000")
+                })?;
+            }
+            Long("wait") => {
+                let value = string_value(parser)?;
+                options.wait = parse_duration(&value)
+                    .ok_or_else(|| invalid("--wait", &value, "a duration such as 500ms or 2s"))?;
+            }
+            Long(name @ ("ident" | "peer" | "since" | "until")) => {
+                let option = format!("--{name}");
+                let value = string_value(parser)?;
+                options
+                    .filter
+                    .set(&option, &value, now)
+                    .map_err(|e| UsageError(e.to_string()))?;
+            }
+            Value(path) => options.paths.push(PathBuf::from(path)),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    options.target = target.ok_or_else(|| UsageError("replay needs --target HOST:PORT".into()))?;
+    if options.paths.is_empty() {
+        options.paths.push(default_data_dir());
+    }
+    Ok(options)
+}
+
+fn string_value(parser: &mut lexopt::Parser) -> Result<String, UsageError> {
+    Ok(parser.value()?.string()?)
+}
+
+fn invalid(option: &str, value: &str, expected: &str) -> UsageError {
+    UsageError(format!("{option} {value:?}: expected {expected}"))
+}
+
+/// $PROXY_DATA_DIR, or ./data as the daemon's default.
+fn default_data_dir() -> PathBuf {
+    std::env::var_os("PROXY_DATA_DIR")
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from("./data"), PathBuf::from)
+}
+
+/// The text of `--help`.
+pub fn help() -> String {
+    let mut text = String::from(HELP);
+    for setting in SETTINGS {
+        text.push_str(&format!(
+            "  {:<28} {:<30} {}\n",
+            setting.name, setting.default, setting.meaning
+        ));
+    }
+    text
+}
+
+const HELP: &str = "\
+proxy-channel: a raw TCP proxy channel with traffic recording
+
+Usage:
+  proxy-channel [run]                   run the daemon (configured by the environment)
+  proxy-channel view [OPTIONS] [PATH..] show recorded messages (default: $PROXY_DATA_DIR)
+  proxy-channel replay --target HOST:PORT [OPTIONS] [PATH..]
+                                        send recorded device traffic again
+  proxy-channel --help | --version
+
+Devices connect to PROXY_LISTEN; their bytes go to PROXY_TARGET1..3 and the
+targets' replies come back; connects, disconnects and traffic are written as
+JSON lines to $PROXY_DATA_DIR/messages.jsonl. SIGHUP rotates that file,
+SIGTERM closes every connection and exits.
+
+view options:
+  --text                payloads as escaped text instead of a hex dump
+  --json                the matching lines unchanged (for jq)
+  -f, --follow          keep reading the current file, across rotations
+  --no-color            no colours (also when NO_COLOR is set or not a terminal)
+  --ident ID            one device connection
+  --peer ADDR           a device address: ip:port, or ip for any port
+  --source N            0 the device, 1..3 a target
+  --event E             0/data, 1/connected, 2/disconnected
+  --since T, --until T  RFC 3339 time (2026-11-26T10:00:00Z) or back from now (15m)
+
+replay options:
+  --target HOST:PORT    where to send (required)
+  --speed N             keep the recorded timing, N times faster (default: as fast as possible)
+  --concurrency N       connections replayed at once (default 1)
+  --wait D              after the last byte, wait this long for replies (default 500ms)
+  --ident, --peer, --since, --until   which recorded connections (by their start)
+
+Exit status: 0 done, 1 a file could not be read or a replayed connection
+failed, 2 a usage or configuration error.
+
+Environment of the daemon (n is a target number, 1 to 3):
+";

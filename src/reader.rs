@@ -1,0 +1,197 @@
+//! Reading message files back, for the viewer and replay: which files a path
+//! stands for, and their complete lines one by one.
+//!
+//! A folder stands for its rotated files, oldest first, then the current
+//! `messages.jsonl`. Lines are read through one reused buffer (never a whole
+//! file in memory). A last line without its newline is held back: when
+//! following a file it may still be being written; otherwise it is a line
+//! cut short by a crash, and the caller reports and skips it.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::rotation::{self, CURRENT};
+
+/// A path that cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {path}: {source}")]
+pub struct ReadError {
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+impl ReadError {
+    pub fn new(path: &Path, source: io::Error) -> ReadError {
+        ReadError {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// The files `paths` stand for, in reading order.
+pub fn message_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, ReadError> {
+    let mut files = Vec::new();
+    for path in paths {
+        let metadata = std::fs::metadata(path).map_err(|e| ReadError::new(path, e))?;
+        if !metadata.is_dir() {
+            files.push(path.clone());
+            continue;
+        }
+        let rotated = rotation::rotated_files(path).map_err(|e| ReadError::new(path, e))?;
+        files.extend(rotated.into_iter().map(|f| f.path));
+        let current = path.join(CURRENT);
+        if current.exists() {
+            files.push(current);
+        }
+    }
+    Ok(files)
+}
+
+/// One complete line and where it was.
+pub struct Line<'a> {
+    /// Without its newline.
+    pub bytes: &'a [u8],
+    /// 1-based.
+    pub number: u64,
+    /// Where the line starts in the file.
+    pub offset: u64,
+}
+
+/// Complete lines of one file.
+pub struct LineReader {
+    path: PathBuf,
+    reader: BufReader<File>,
+    /// Device and inode of the open file.
+    identity: (u64, u64),
+    buffer: Vec<u8>,
+    /// The buffer holds a whole line that was handed out last time.
+    buffer_done: bool,
+    number: u64,
+    /// Where the buffered line starts in the file.
+    offset: u64,
+}
+
+impl LineReader {
+    pub fn open(path: &Path) -> Result<LineReader, ReadError> {
+        let file = File::open(path).map_err(|e| ReadError::new(path, e))?;
+        let metadata = file.metadata().map_err(|e| ReadError::new(path, e))?;
+        Ok(LineReader {
+            path: path.to_path_buf(),
+            reader: BufReader::with_capacity(256 * 1024, file),
+            identity: (metadata.dev(), metadata.ino()),
+            buffer: Vec::new(),
+            buffer_done: false,
+            number: 0,
+            offset: 0,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The next complete line, or `None` at the end of what is written so
+    /// far. A partial last line stays buffered and is completed by later
+    /// calls if more is written.
+    pub fn next_line(&mut self) -> Result<Option<Line<'_>>, ReadError> {
+        if self.buffer_done {
+            self.offset += self.buffer.len() as u64;
+            self.buffer.clear();
+            self.buffer_done = false;
+        }
+        self.reader
+            .read_until(b'\n', &mut self.buffer)
+            .map_err(|e| ReadError::new(&self.path, e))?;
+        if self.buffer.last() != Some(&b'\n') {
+            return Ok(None);
+        }
+        self.buffer_done = true;
+        self.number += 1;
+        Ok(Some(Line {
+            bytes: &self.buffer[..self.buffer.len() - 1],
+            number: self.number,
+            offset: self.offset,
+        }))
+    }
+
+    /// The bytes of a last line that has no newline (yet), if any.
+    pub fn partial_line(&self) -> Option<(u64, &[u8])> {
+        let pending = !self.buffer_done && !self.buffer.is_empty();
+        pending.then_some((self.number + 1, &self.buffer[..]))
+    }
+
+    /// Whether the path now names another file than the one open (it was
+    /// rotated or replaced).
+    pub fn replaced(&self) -> bool {
+        match std::fs::metadata(&self.path) {
+            Ok(metadata) => (metadata.dev(), metadata.ino()) != self.identity,
+            Err(_) => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn lines_come_whole_and_a_partial_tail_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("messages.jsonl");
+        let mut file = File::create(&path).unwrap();
+        file.write_all(b"one\ntwo\nthr").unwrap();
+        let mut reader = LineReader::open(&path).unwrap();
+        assert_eq!(reader.next_line().unwrap().unwrap().bytes, b"one");
+        let two = reader.next_line().unwrap().unwrap();
+        assert_eq!((two.bytes, two.number, two.offset), (&b"two"[..], 2, 4));
+        assert!(reader.next_line().unwrap().is_none());
+        assert_eq!(reader.partial_line(), Some((3, &b"thr"[..])));
+        file.write_all(b"ee\n").unwrap();
+        assert_eq!(reader.next_line().unwrap().unwrap().bytes, b"three");
+        assert!(reader.next_line().unwrap().is_none());
+        assert_eq!(reader.partial_line(), None);
+    }
+
+    #[test]
+    fn a_folder_means_rotated_files_oldest_first_then_the_current_one() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "messages.jsonl",
+            "messages-20261126T101500Z_001.jsonl",
+            "notes.txt",
+            "messages-20261126T101500Z.jsonl",
+            "messages-20261125T090000Z.jsonl",
+        ] {
+            File::create(dir.path().join(name)).unwrap();
+        }
+        let files = message_files(&[dir.path().to_path_buf()]).unwrap();
+        let names: Vec<_> = files
+            .iter()
+            .map(|p| p.file_name().unwrap().to_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "messages-20261125T090000Z.jsonl",
+                "messages-20261126T101500Z.jsonl",
+                "messages-20261126T101500Z_001.jsonl",
+                "messages.jsonl"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_missing_path_is_an_error_naming_it() {
+        let error = message_files(&[PathBuf::from("/nonexistent/data")]).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("cannot read /nonexistent/data: ")
+        );
+    }
+}

@@ -1,0 +1,388 @@
+//! `proxy-channel replay`: send recorded device traffic again, connection
+//! by connection, to a target (a migration's backfill).
+//!
+//! First pass: read the files once and index, per recorded device
+//! connection, where each of its source-0 data lines is (file and offset),
+//! never the payloads themselves, and whether every byte it sent was stored.
+//! Second pass: `--concurrency` threads each take the next connection,
+//! connect to the target, read the connection's lines back by offset and
+//! send the bytes in order (with `--speed`, at the recorded pace). Replies
+//! are read and counted on a thread of the connection. A connection with a
+//! gap (a payload over PROXY_MAX_PAYLOAD, store mode off, its start rotated
+//! away) is skipped and reported, never sent with a hole in it.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, IsTerminal, Read, Seek, SeekFrom, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::filter::Filter;
+use crate::message::{DEVICE, StoredMessage};
+use crate::reader::{LineReader, ReadError, message_files};
+
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    pub target: String,
+    pub paths: Vec<PathBuf>,
+    pub filter: Filter,
+    /// `None`: as fast as possible; `Some(n)`: recorded pace, n times faster.
+    pub speed: Option<f64>,
+    pub concurrency: usize,
+    /// After the last byte, how long to wait for the target's replies.
+    pub wait: Duration,
+}
+
+/// What a replay did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReplaySummary {
+    pub replayed: u64,
+    pub failed: u64,
+    pub skipped: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+/// A recorded device connection, as found in the files.
+#[derive(Debug, Default)]
+struct Recorded {
+    ident: String,
+    peer: String,
+    started: Option<f64>,
+    packets: Vec<PacketAt>,
+    stored_bytes: u64,
+    /// From the device's event 2, if the recording has it.
+    device_received: Option<u64>,
+    gap: Option<String>,
+}
+
+/// Where one source-0 data line is.
+#[derive(Debug, Clone, Copy)]
+struct PacketAt {
+    file: usize,
+    offset: u64,
+    time: f64,
+}
+
+/// Replays `options.paths` to `options.target`.
+pub fn run(options: &ReplayOptions) -> Result<ReplaySummary, ReadError> {
+    let files = message_files(&options.paths)?;
+    let (connections, skipped) = index(&files, &options.filter)?;
+    let total = connections.len();
+    let progress = Progress::new(total, skipped);
+    let queue = Mutex::new(connections.into_iter());
+    let files = &files;
+    std::thread::scope(|scope| {
+        for _ in 0..options.concurrency.max(1) {
+            scope.spawn(|| {
+                while let Some(recorded) = next(&queue) {
+                    let outcome = replay_one(&recorded, files, options);
+                    progress.record(&recorded.ident, outcome);
+                }
+            });
+        }
+    });
+    Ok(progress.finish())
+}
+
+fn next(queue: &Mutex<std::vec::IntoIter<Recorded>>) -> Option<Recorded> {
+    queue.lock().map_or(None, |mut q| q.next())
+}
+
+/// The recorded connections that match, oldest first, and how many were
+/// skipped for gaps.
+fn index(files: &[PathBuf], filter: &Filter) -> Result<(Vec<Recorded>, u64), ReadError> {
+    let mut by_ident: HashMap<String, Recorded> = HashMap::new();
+    for (file_index, path) in files.iter().enumerate() {
+        let mut reader = LineReader::open(path)?;
+        while let Some(line) = reader.next_line()? {
+            let Ok(message) = serde_json::from_slice::<StoredMessage<'_>>(line.bytes) else {
+                continue;
+            };
+            if message.source != DEVICE {
+                continue;
+            }
+            let recorded = by_ident
+                .entry(message.ident.to_string())
+                .or_insert_with(|| Recorded {
+                    ident: message.ident.to_string(),
+                    peer: message.peer.to_string(),
+                    ..Recorded::default()
+                });
+            note(recorded, &message, file_index, line.offset);
+        }
+    }
+    let mut connections = Vec::new();
+    let mut skipped = 0;
+    for (_, recorded) in by_ident {
+        let started = recorded.started.unwrap_or(0.0);
+        if !filter.matches_connection(&recorded.ident, &recorded.peer, started) {
+            continue;
+        }
+        match gap_of(&recorded) {
+            Some(gap) => {
+                skipped += 1;
+                eprintln!("proxy-channel replay: {}: skipped: {gap}", recorded.ident);
+            }
+            None => connections.push(recorded),
+        }
+    }
+    connections.sort_by(|a, b| {
+        a.started
+            .partial_cmp(&b.started)
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    Ok((connections, skipped))
+}
+
+fn note(recorded: &mut Recorded, message: &StoredMessage<'_>, file: usize, offset: u64) {
+    match message.event {
+        1 => recorded.started = Some(message.server_timestamp),
+        0 => {
+            if message.payload_hex.is_none() {
+                recorded.gap.get_or_insert_with(|| {
+                    let size = message.payload_size.unwrap_or(0);
+                    format!("a packet of {size} B was stored without its payload")
+                });
+            }
+            recorded.stored_bytes += message.payload_size.unwrap_or(0);
+            recorded.packets.push(PacketAt {
+                file,
+                offset,
+                time: message.server_timestamp,
+            });
+        }
+        _ => recorded.device_received = message.bytes_received,
+    }
+}
+
+fn gap_of(recorded: &Recorded) -> Option<String> {
+    if let Some(gap) = &recorded.gap {
+        return Some(gap.clone());
+    }
+    if recorded.started.is_none() {
+        return Some("its connect event is not in the files (rotated away?)".into());
+    }
+    match recorded.device_received {
+        Some(received) if received != recorded.stored_bytes => Some(format!(
+            "{} of its {received} bytes were stored (store mode off?)",
+            recorded.stored_bytes
+        )),
+        _ => None,
+    }
+}
+
+/// How one connection's replay went.
+enum Outcome {
+    Done { sent: u64, received: u64 },
+    Failed(String),
+}
+
+fn replay_one(recorded: &Recorded, files: &[PathBuf], options: &ReplayOptions) -> Outcome {
+    let stream = match connect(&options.target) {
+        Ok(stream) => stream,
+        Err(e) => return Outcome::Failed(format!("cannot connect to {}: {e}", options.target)),
+    };
+    let sending_done = Arc::new(AtomicBool::new(false));
+    let replies = match stream.try_clone() {
+        Ok(reader) => {
+            let (wait, done) = (options.wait, Arc::clone(&sending_done));
+            std::thread::spawn(move || count_replies(reader, wait, &done))
+        }
+        Err(e) => return Outcome::Failed(format!("cannot read replies: {e}")),
+    };
+    let sent = send_packets(recorded, files, options, &stream);
+    // Tell the target we are done; it may already be gone.
+    let _ = stream.shutdown(Shutdown::Write);
+    sending_done.store(true, Ordering::SeqCst);
+    let received = replies.join().unwrap_or(0);
+    match sent {
+        Ok(sent) => Outcome::Done { sent, received },
+        Err(why) => Outcome::Failed(why),
+    }
+}
+
+fn connect(target: &str) -> io::Result<TcpStream> {
+    let mut last_error = io::Error::other("no address");
+    for address in target.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&address, Duration::from_secs(10)) {
+            Ok(stream) => {
+                stream.set_nodelay(true)?;
+                return Ok(stream);
+            }
+            Err(e) => last_error = e,
+        }
+    }
+    Err(last_error)
+}
+
+/// Sends the connection's stored bytes in order, at the recorded pace if
+/// asked.
+fn send_packets(
+    recorded: &Recorded,
+    files: &[PathBuf],
+    options: &ReplayOptions,
+    mut stream: &TcpStream,
+) -> Result<u64, String> {
+    let mut readers: HashMap<usize, BufReader<File>> = HashMap::new();
+    let mut line = Vec::new();
+    let mut payload = Vec::new();
+    let start = Instant::now();
+    let recorded_start = recorded.started.unwrap_or(0.0);
+    let mut sent = 0u64;
+    for packet in &recorded.packets {
+        read_payload(&mut readers, files, *packet, &mut line, &mut payload)?;
+        if let Some(speed) = options.speed {
+            let due = Duration::from_secs_f64(((packet.time - recorded_start) / speed).max(0.0));
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        stream
+            .write_all(&payload)
+            .map_err(|e| format!("sending to {} failed: {e}", options.target))?;
+        sent += payload.len() as u64;
+    }
+    Ok(sent)
+}
+
+fn read_payload(
+    readers: &mut HashMap<usize, BufReader<File>>,
+    files: &[PathBuf],
+    packet: PacketAt,
+    line: &mut Vec<u8>,
+    payload: &mut Vec<u8>,
+) -> Result<(), String> {
+    let path = &files[packet.file];
+    let reader = match readers.entry(packet.file) {
+        std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+        std::collections::hash_map::Entry::Vacant(entry) => {
+            let file =
+                File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            entry.insert(BufReader::new(file))
+        }
+    };
+    line.clear();
+    reader
+        .seek(SeekFrom::Start(packet.offset))
+        .and_then(|_| reader.read_until(b'\n', line))
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let message: StoredMessage<'_> = serde_json::from_slice(line.trim_ascii_end())
+        .map_err(|e| format!("{} changed while replaying: {e}", path.display()))?;
+    let hex_text = message.payload_hex.unwrap_or_default();
+    payload.resize(hex_text.len() / 2, 0);
+    hex::decode_to_slice(hex_text, payload)
+        .map_err(|e| format!("bad payload in {}: {e}", path.display()))
+}
+
+/// Reads and counts replies until the target closes, or has been quiet for
+/// `wait` once the sender is done.
+fn count_replies(mut stream: TcpStream, wait: Duration, sending_done: &AtomicBool) -> u64 {
+    let mut buffer = vec![0u8; 64 * 1024];
+    let mut received = 0u64;
+    if stream
+        .set_read_timeout(Some(wait.max(Duration::from_millis(1))))
+        .is_err()
+    {
+        return 0;
+    }
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => return received,
+            Ok(n) => received += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if sending_done.load(Ordering::SeqCst) {
+                    return received;
+                }
+            }
+            Err(_) => return received,
+        }
+    }
+}
+
+/// Counts outcomes and shows a progress line on a terminal.
+struct Progress {
+    total: usize,
+    done: AtomicUsize,
+    failed: AtomicU64,
+    skipped: u64,
+    sent: AtomicU64,
+    received: AtomicU64,
+    on_terminal: bool,
+    print_lock: Mutex<()>,
+}
+
+impl Progress {
+    fn new(total: usize, skipped: u64) -> Progress {
+        Progress {
+            total,
+            done: AtomicUsize::new(0),
+            failed: AtomicU64::new(0),
+            skipped,
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            on_terminal: io::stderr().is_terminal(),
+            print_lock: Mutex::new(()),
+        }
+    }
+
+    fn record(&self, ident: &str, outcome: Outcome) {
+        let _guard = self.print_lock.lock();
+        match outcome {
+            Outcome::Done { sent, received } => {
+                self.sent.fetch_add(sent, Ordering::Relaxed);
+                self.received.fetch_add(received, Ordering::Relaxed);
+            }
+            Outcome::Failed(why) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                eprintln!(
+                    "{}proxy-channel replay: {ident}: failed: {why}",
+                    self.clear()
+                );
+            }
+        }
+        let done = self.done.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.on_terminal {
+            eprint!(
+                "\r{done}/{} connections, {} bytes sent, {} failed",
+                self.total,
+                self.sent.load(Ordering::Relaxed),
+                self.failed.load(Ordering::Relaxed)
+            );
+        }
+    }
+
+    fn clear(&self) -> &'static str {
+        if self.on_terminal { "\r\x1b[K" } else { "" }
+    }
+
+    fn finish(self) -> ReplaySummary {
+        let failed = self.failed.load(Ordering::Relaxed);
+        let summary = ReplaySummary {
+            replayed: self.done.load(Ordering::Relaxed) as u64 - failed,
+            failed,
+            skipped: self.skipped,
+            bytes_sent: self.sent.load(Ordering::Relaxed),
+            bytes_received: self.received.load(Ordering::Relaxed),
+        };
+        eprintln!(
+            "{}replayed {} connections ({} bytes sent, {} bytes of replies), {} failed, {} skipped",
+            self.clear(),
+            summary.replayed,
+            summary.bytes_sent,
+            summary.bytes_received,
+            summary.failed,
+            summary.skipped
+        );
+        summary
+    }
+}

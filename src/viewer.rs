@@ -1,0 +1,403 @@
+//! `proxy-channel view`: messages as a readable traffic log.
+//!
+//! Each message gets a header line (local time with milliseconds, ident,
+//! peer, side, what happened) and, for data, its payload as a `hexdump -C`
+//! style dump or, with `--text`, as escaped text; `--json` passes matching
+//! lines through unchanged. Files are streamed line by line; a line that is
+//! cut short or not ours is reported on stderr and skipped. `--follow`
+//! keeps reading the current file and moves on to the new one when it is
+//! rotated.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use jiff::tz::TimeZone;
+
+use crate::filter::Filter;
+use crate::message::{DEVICE, StoredMessage, now_timestamp};
+use crate::reader::{LineReader, ReadError, message_files};
+use crate::rotation::CURRENT;
+
+const FOLLOW_POLL: Duration = Duration::from_millis(200);
+
+/// How payloads are shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Hex,
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct ViewOptions {
+    pub paths: Vec<PathBuf>,
+    pub filter: Filter,
+    pub format: Format,
+    pub follow: bool,
+    pub color: bool,
+}
+
+/// What a run saw.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ViewSummary {
+    pub shown: u64,
+    pub skipped: u64,
+}
+
+/// Shows the messages of `options.paths` on `out`.
+pub fn run(options: &ViewOptions, out: &mut dyn Write) -> Result<ViewSummary, ReadError> {
+    let mut viewer = Viewer {
+        options,
+        printer: Printer::new(options.format, options.color),
+        summary: ViewSummary::default(),
+        out,
+    };
+    let files = message_files(&options.paths)?;
+    for file in &files {
+        let mut reader = LineReader::open(file)?;
+        if !viewer.read_available(&mut reader)? {
+            return Ok(viewer.summary);
+        }
+        if !options.follow {
+            viewer.report_partial(&reader);
+        }
+    }
+    if options.follow {
+        let path = follow_path(&options.paths, &files);
+        viewer.follow(&path)?;
+    }
+    Ok(viewer.summary)
+}
+
+/// The file `--follow` keeps reading: the current file of the last folder
+/// given, or the last file.
+fn follow_path(paths: &[PathBuf], files: &[PathBuf]) -> PathBuf {
+    match paths.last() {
+        Some(last) if last.is_dir() => last.join(CURRENT),
+        Some(last) => last.clone(),
+        None => files
+            .last()
+            .cloned()
+            .unwrap_or_else(|| PathBuf::from(CURRENT)),
+    }
+}
+
+struct Viewer<'a> {
+    options: &'a ViewOptions,
+    printer: Printer,
+    summary: ViewSummary,
+    out: &'a mut dyn Write,
+}
+
+impl Viewer<'_> {
+    /// Shows every complete line available; false once the output is gone
+    /// (a closed pipe), which ends the run quietly.
+    fn read_available(&mut self, reader: &mut LineReader) -> Result<bool, ReadError> {
+        let path = reader.path().to_path_buf();
+        while let Some(line) = reader.next_line()? {
+            let number = line.number;
+            let shown = match serde_json::from_slice::<StoredMessage<'_>>(line.bytes) {
+                Ok(message) if self.options.filter.matches(&message) => {
+                    self.printer.print(&mut *self.out, &message, line.bytes)
+                }
+                Ok(_) => Ok(false),
+                Err(e) => {
+                    self.skip(&path, number, &format!("not a message: {e}"));
+                    Ok(false)
+                }
+            };
+            match shown {
+                Ok(true) => self.summary.shown += 1,
+                Ok(false) => {}
+                Err(PrintError::Payload(why)) => self.skip(&path, number, &why),
+                Err(PrintError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
+                    return Ok(false);
+                }
+                Err(PrintError::Output(e)) => return Err(ReadError::new(Path::new("<stdout>"), e)),
+            }
+        }
+        match self.out.flush() {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(false),
+            Err(e) => Err(ReadError::new(Path::new("<stdout>"), e)),
+        }
+    }
+
+    fn report_partial(&mut self, reader: &LineReader) {
+        if let Some((number, _)) = reader.partial_line() {
+            self.skip(reader.path(), number, "cut short (no end of line)");
+        }
+    }
+
+    fn skip(&mut self, path: &Path, number: u64, why: &str) {
+        self.summary.skipped += 1;
+        eprintln!(
+            "proxy-channel view: {}:{number}: skipped: {why}",
+            path.display()
+        );
+    }
+
+    /// Reads `path` as it grows, and its successor after each rotation.
+    fn follow(&mut self, path: &Path) -> Result<(), ReadError> {
+        let mut reader = wait_for(path)?;
+        // What was there at the start has been shown by `run` already, when
+        // the file was among those listed.
+        loop {
+            if !self.read_available(&mut reader)? {
+                return Ok(());
+            }
+            if reader.replaced() {
+                // The writer finishes a file before renaming it: take what
+                // is left, then start on the new current file.
+                if !self.read_available(&mut reader)? {
+                    return Ok(());
+                }
+                self.report_partial(&reader);
+                reader = wait_for(path)?;
+                continue;
+            }
+            std::thread::sleep(FOLLOW_POLL);
+        }
+    }
+}
+
+/// Opens `path`, waiting for it to appear.
+fn wait_for(path: &Path) -> Result<LineReader, ReadError> {
+    loop {
+        match LineReader::open(path) {
+            Ok(reader) => return Ok(reader),
+            Err(e) if e.source.kind() == io::ErrorKind::NotFound => std::thread::sleep(FOLLOW_POLL),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+enum PrintError {
+    /// The payload of a line cannot be shown (bad hex).
+    Payload(String),
+    Output(io::Error),
+}
+
+impl From<io::Error> for PrintError {
+    fn from(e: io::Error) -> Self {
+        PrintError::Output(e)
+    }
+}
+
+/// Formats messages.
+struct Printer {
+    format: Format,
+    color: bool,
+    zone: TimeZone,
+    payload: Vec<u8>,
+}
+
+impl Printer {
+    fn new(format: Format, color: bool) -> Printer {
+        Printer {
+            format,
+            color,
+            zone: TimeZone::system(),
+            payload: Vec::new(),
+        }
+    }
+
+    /// Prints one message; true when something was printed.
+    fn print(
+        &mut self,
+        out: &mut dyn Write,
+        message: &StoredMessage<'_>,
+        raw: &[u8],
+    ) -> Result<bool, PrintError> {
+        if self.format == Format::Json {
+            out.write_all(raw)?;
+            out.write_all(b"\n")?;
+            return Ok(true);
+        }
+        let has_payload = self.decode_payload(message)?;
+        self.header(out, message)?;
+        if has_payload {
+            match self.format {
+                Format::Text => write_text(out, &self.payload)?,
+                _ => write_hex_dump(out, &self.payload)?,
+            }
+        }
+        Ok(true)
+    }
+
+    fn decode_payload(&mut self, message: &StoredMessage<'_>) -> Result<bool, PrintError> {
+        let Some(hex_text) = message.payload_hex.filter(|_| message.event == 0) else {
+            return Ok(false);
+        };
+        self.payload.resize(hex_text.len() / 2, 0);
+        hex::decode_to_slice(hex_text, &mut self.payload)
+            .map_err(|e| PrintError::Payload(format!("bad proxy.payload.hex: {e}")))?;
+        Ok(true)
+    }
+
+    fn header(&self, out: &mut dyn Write, message: &StoredMessage<'_>) -> io::Result<()> {
+        let time =
+            jiff::Timestamp::from_microsecond((message.server_timestamp * 1e6).round() as i64)
+                .map(|t| {
+                    self.zone
+                        .to_datetime(t)
+                        .strftime("%Y-%m-%d %H:%M:%S%.3f")
+                        .to_string()
+                })
+                .unwrap_or_else(|_| format!("{:.3}", message.server_timestamp));
+        let side = side_label(message);
+        let what = event_words(message);
+        let (start, end) = match self.color {
+            true => (color_of(message.source), "\x1b[0m"),
+            false => ("", ""),
+        };
+        writeln!(
+            out,
+            "{start}{time}  {}  {}  {side:<9}  {what}{end}",
+            message.ident, message.peer
+        )
+    }
+}
+
+/// `device>` for the device, `<target N` for a target's replies,
+/// `target N>` for a target's connection events.
+fn side_label(message: &StoredMessage<'_>) -> String {
+    match (message.source, message.event) {
+        (DEVICE, _) => "device>".to_string(),
+        (n, 0) => format!("<target {n}"),
+        (n, _) => format!("target {n}>"),
+    }
+}
+
+fn event_words(message: &StoredMessage<'_>) -> String {
+    match message.event {
+        0 => {
+            let size = message.payload_size.unwrap_or(0);
+            match message.payload_hex {
+                Some(_) => format!("data {size} B"),
+                None => format!("data {size} B (payload not stored)"),
+            }
+        }
+        1 => match &message.target {
+            Some(target) => format!("connected to {target}"),
+            None => "connected".to_string(),
+        },
+        2 => format!(
+            "disconnected: {} (received {} B, sent {} B)",
+            message.reason.as_deref().unwrap_or("no reason given"),
+            message.bytes_received.unwrap_or(0),
+            message.bytes_sent.unwrap_or(0)
+        ),
+        other => format!("event {other}"),
+    }
+}
+
+fn color_of(source: u8) -> &'static str {
+    match source {
+        DEVICE => "\x1b[36m",
+        1 => "\x1b[33m",
+        2 => "\x1b[35m",
+        _ => "\x1b[32m",
+    }
+}
+
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+/// `hexdump -C` lines, without its closing offset line.
+pub fn write_hex_dump(out: &mut dyn Write, bytes: &[u8]) -> io::Result<()> {
+    let mut line = Vec::with_capacity(80);
+    for (index, chunk) in bytes.chunks(16).enumerate() {
+        line.clear();
+        write!(line, "{:08x}  ", index * 16)?;
+        for i in 0..16 {
+            if i == 8 {
+                line.push(b' ');
+            }
+            match chunk.get(i) {
+                Some(&byte) => line.extend_from_slice(&[
+                    HEX_DIGITS[usize::from(byte >> 4)],
+                    HEX_DIGITS[usize::from(byte & 0xf)],
+                    b' ',
+                ]),
+                None => line.extend_from_slice(b"   "),
+            }
+        }
+        line.extend_from_slice(b" |");
+        line.extend(
+            chunk
+                .iter()
+                .map(|&b| if (0x20..0x7f).contains(&b) { b } else { b'.' }),
+        );
+        line.extend_from_slice(b"|\n");
+        out.write_all(&line)?;
+    }
+    Ok(())
+}
+
+/// The payload as one line of text: printable ASCII as is, `\n`, `\r`,
+/// `\t`, `\\` and `\xNN` for the rest.
+pub fn write_text(out: &mut dyn Write, bytes: &[u8]) -> io::Result<()> {
+    let mut text = Vec::with_capacity(bytes.len() + 8);
+    for &byte in bytes {
+        match byte {
+            b'\n' => text.extend_from_slice(b"\\n"),
+            b'\r' => text.extend_from_slice(b"\\r"),
+            b'\t' => text.extend_from_slice(b"\\t"),
+            b'\\' => text.extend_from_slice(b"\\\\"),
+            0x20..=0x7e => text.push(byte),
+            _ => text.extend_from_slice(&[
+                b'\\',
+                b'x',
+                HEX_DIGITS[usize::from(byte >> 4)],
+                HEX_DIGITS[usize::from(byte & 0xf)],
+            ]),
+        }
+    }
+    text.push(b'\n');
+    out.write_all(&text)
+}
+
+/// Seconds since the epoch now, for relative `--since`/`--until`.
+pub fn now() -> f64 {
+    now_timestamp()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dump(bytes: &[u8]) -> String {
+        let mut out = Vec::new();
+        write_hex_dump(&mut out, bytes).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn hex_dump_lines_match_hexdump_c() {
+        assert_eq!(
+            dump(b"hello world\n"),
+            "00000000  68 65 6c 6c 6f 20 77 6f  72 6c 64 0a              |hello world.|\n"
+        );
+        assert_eq!(
+            dump(b"abc"),
+            "00000000  61 62 63                                          |abc|\n"
+        );
+        let sixteen_and_two: Vec<u8> = (0x40..0x52).collect();
+        assert_eq!(
+            dump(&sixteen_and_two),
+            "00000000  40 41 42 43 44 45 46 47  48 49 4a 4b 4c 4d 4e 4f  |@ABCDEFGHIJKLMNO|\n\
+             00000010  50 51                                             |PQ|\n"
+        );
+    }
+
+    #[test]
+    fn text_escapes_what_is_not_printable() {
+        let mut out = Vec::new();
+        write_text(&mut out, b"GET /\r\n\x00\xff\\ok\t").unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /\\r\\n\\x00\\xff\\\\ok\\t\n"
+        );
+    }
+}
