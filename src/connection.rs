@@ -247,7 +247,11 @@ impl Connection {
     /// Ends the connection for a reason decided outside it (shutdown, an
     /// operator); the caller then drives it to finish.
     pub fn close(&mut self, why: &'static str) {
-        self.end(why.into(), why.into(), false);
+        match &mut self.ending {
+            // Already ending (lingering for the device): stop waiting.
+            Some(ending) => ending.linger = false,
+            None => self.end(why.into(), why.into(), false),
+        }
     }
 
     /// One round: each side is read or written at most once.
