@@ -21,6 +21,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::journal::{Closed, Journal};
 use crate::message::{DEVICE, IdentGenerator, Origin};
 use crate::reason;
+use crate::stats::{self, Counters};
 use crate::worker::{Command, WorkerHandle};
 
 const WAKER: Token = Token(usize::MAX);
@@ -53,6 +54,7 @@ pub struct Acceptor {
     journal: Journal,
     open_connections: Arc<AtomicUsize>,
     max_connections: usize,
+    counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
     paused_until: Option<Instant>,
     last_exhausted_warning: Option<Instant>,
@@ -65,6 +67,7 @@ pub struct AcceptorSetup {
     pub journal: Journal,
     pub open_connections: Arc<AtomicUsize>,
     pub max_connections: usize,
+    pub counters: Arc<Counters>,
 }
 
 impl Acceptor {
@@ -87,6 +90,7 @@ impl Acceptor {
             journal: setup.journal,
             open_connections: setup.open_connections,
             max_connections: setup.max_connections,
+            counters: setup.counters,
             stop: Arc::clone(&stop),
             paused_until: None,
             last_exhausted_warning: None,
@@ -161,6 +165,7 @@ impl Acceptor {
         self.next_worker = (self.next_worker + 1) % self.workers.len();
         if self.workers[index].post(Command::Adopt { stream, origin }) {
             self.to_wake[index] = true;
+            stats::add(&self.counters.opened, 1);
         } else {
             self.open_connections.fetch_sub(1, Ordering::Relaxed);
             error!(
@@ -173,6 +178,7 @@ impl Acceptor {
     /// A connection over PROXY_MAX_CONNECTIONS: its two events, then closed
     /// (by dropping its socket).
     fn refuse(&mut self, origin: Origin) {
+        stats::add(&self.counters.refused, 1);
         self.journal.connected(origin, DEVICE, None);
         let closed = Closed {
             reason: reason::TOO_MANY_CONNECTIONS,

@@ -12,6 +12,7 @@ use std::time::Duration;
 use lexopt::prelude::*;
 
 use crate::config::SETTINGS;
+use crate::ctl::{CtlOptions, Request};
 use crate::filter::Filter;
 use crate::replay::ReplayOptions;
 use crate::units::parse_duration;
@@ -23,6 +24,7 @@ pub enum Command {
     Version,
     View(ViewOptions),
     Replay(ReplayOptions),
+    Ctl(CtlOptions),
 }
 
 /// A command line that cannot be used, in one line.
@@ -49,8 +51,9 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, UsageError> {
             Some("run") => expect_end(&mut parser).map(|()| Command::Run),
             Some("view") => parse_view(&mut parser).map(Command::View),
             Some("replay") => parse_replay(&mut parser).map(Command::Replay),
+            Some("ctl") => parse_ctl(&mut parser).map(Command::Ctl),
             _ => Err(UsageError(format!(
-                "unknown command {command:?}: expected run, view or replay"
+                "unknown command {command:?}: expected run, view, replay or ctl"
             ))),
         },
         other => Err(other.unexpected().into()),
@@ -160,6 +163,43 @@ fn parse_replay(parser: &mut lexopt::Parser) -> Result<ReplayOptions, UsageError
     Ok(options)
 }
 
+fn parse_ctl(parser: &mut lexopt::Parser) -> Result<CtlOptions, UsageError> {
+    let mut words = Vec::new();
+    let mut json = false;
+    let mut socket = None;
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Long("json") => json = true,
+            Long("socket") => socket = Some(PathBuf::from(string_value(parser)?)),
+            Value(word) => words.push(word.string()?),
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    let request = match words.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["list"] => Request::List,
+        ["stats"] => Request::Stats,
+        ["close", ident] => Request::Close(ident.to_ascii_lowercase()),
+        _ => {
+            return Err(UsageError(
+                "expected ctl list, ctl close IDENT or ctl stats".into(),
+            ));
+        }
+    };
+    Ok(CtlOptions {
+        socket: socket.unwrap_or_else(default_control_socket),
+        request,
+        json,
+    })
+}
+
+/// $PROXY_CONTROL_SOCKET, or control.sock in the data folder.
+fn default_control_socket() -> PathBuf {
+    match std::env::var_os("PROXY_CONTROL_SOCKET").filter(|v| !v.is_empty() && v != "off") {
+        Some(path) => PathBuf::from(path),
+        None => default_data_dir().join("control.sock"),
+    }
+}
+
 fn string_value(parser: &mut lexopt::Parser) -> Result<String, UsageError> {
     Ok(parser.value()?.string()?)
 }
@@ -195,6 +235,8 @@ Usage:
   proxy-channel view [OPTIONS] [PATH..] show recorded messages (default: $PROXY_DATA_DIR)
   proxy-channel replay --target HOST:PORT [OPTIONS] [PATH..]
                                         send recorded device traffic again
+  proxy-channel ctl list|close IDENT|stats [--json] [--socket PATH]
+                                        talk to a running daemon
   proxy-channel --help | --version
 
 Devices connect to PROXY_LISTEN; their bytes go to PROXY_TARGET1..3 and the
@@ -220,8 +262,15 @@ replay options:
   --wait D              after the last byte, wait this long for replies (default 500ms)
   --ident, --peer, --since, --until   which recorded connections (by their start)
 
-Exit status: 0 done, 1 a file could not be read or a replayed connection
-failed, 2 a usage or configuration error.
+ctl:
+  list                  open device connections, with bytes and targets
+  close IDENT           close one connection (reason: closed by operator)
+  stats                 counters since start
+  --json                the daemon's JSON reply unchanged
+  --socket PATH         default: $PROXY_CONTROL_SOCKET, or $PROXY_DATA_DIR/control.sock
+
+Exit status: 0 done, 1 a file could not be read, a replayed connection
+failed or the daemon could not be reached, 2 a usage or configuration error.
 
 Environment of the daemon (n is a target number, 1 to 3):
 ";

@@ -25,6 +25,7 @@ use crate::journal::{Closed, Journal};
 use crate::message::{DEVICE, Origin};
 use crate::reason::{self, Reason};
 use crate::socket::{Endpoint, ReadOutcome};
+use crate::stats::{self, Counters};
 
 /// Rounds of reads and writes for one connection per wake-up, so that one
 /// busy device cannot starve the others on its worker.
@@ -87,7 +88,23 @@ pub struct Context<'a> {
     pub settings: &'a Settings,
     /// The current address of each target (names are resolved elsewhere).
     pub addresses: &'a [Option<SocketAddr>; MAX_TARGETS],
+    pub counters: &'a Counters,
     pub now: Instant,
+}
+
+impl Context<'_> {
+    /// Counts a read of `n` bytes from `side` (0 the device, 1..=3 a target).
+    fn received(&self, side: usize, n: usize) {
+        stats::add(&self.counters.bytes_received[side], n as u64);
+        stats::add(&self.counters.packets[side], 1);
+    }
+
+    /// Counts `n` bytes written to `side`.
+    fn sent(&self, side: usize, n: usize) {
+        if n > 0 {
+            stats::add(&self.counters.bytes_sent[side], n as u64);
+        }
+    }
 }
 
 /// What the worker should do with the connection after driving it.
@@ -99,6 +116,33 @@ pub enum Drive {
     Busy,
     /// Closed and journaled: remove it.
     Finished,
+}
+
+/// One device connection as `ctl list` shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ConnectionReport {
+    pub ident: String,
+    pub peer: String,
+    pub age_seconds: f64,
+    pub idle_seconds: f64,
+    /// Bytes received from the device.
+    pub bytes_received: u64,
+    /// Bytes sent to the device.
+    pub bytes_sent: u64,
+    /// Bytes queued for the device.
+    pub queued: usize,
+    pub targets: Vec<TargetReport>,
+}
+
+/// One target connection as `ctl list` shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TargetReport {
+    pub target: u8,
+    /// `connecting`, `connected`, or `draining` (the device has finished).
+    pub state: String,
+    pub queued: usize,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
 }
 
 /// The token of one socket: the connection's slot and the side (0 device,
@@ -133,6 +177,7 @@ pub struct Connection {
     origin: Origin,
     device: Endpoint,
     targets: [Option<Link>; MAX_TARGETS],
+    opened_at: Instant,
     last_activity: Instant,
     ending: Option<Ending>,
     /// On the worker's list of connections to drive.
@@ -161,6 +206,7 @@ impl Connection {
             origin,
             device: Endpoint::new(stream, true),
             targets: Default::default(),
+            opened_at: ctx.now,
             last_activity: ctx.now,
             ending: None,
             scheduled: false,
@@ -181,6 +227,38 @@ impl Connection {
 
     pub fn origin(&self) -> Origin {
         self.origin
+    }
+
+    /// What the control socket shows of this connection.
+    pub fn report(&self, now: Instant) -> ConnectionReport {
+        let targets = self
+            .targets
+            .iter()
+            .enumerate()
+            .filter_map(|(index, link)| link.as_ref().map(|link| (index, link)))
+            .map(|(index, link)| TargetReport {
+                target: index as u8 + 1,
+                state: match (link.connecting_since, link.endpoint.write_closed) {
+                    (Some(_), _) => "connecting",
+                    (None, false) => "connected",
+                    (None, true) => "draining",
+                }
+                .to_string(),
+                queued: link.endpoint.queued(),
+                bytes_received: link.endpoint.received,
+                bytes_sent: link.endpoint.sent,
+            })
+            .collect();
+        ConnectionReport {
+            ident: self.origin.ident.to_string(),
+            peer: self.origin.peer.to_string(),
+            age_seconds: now.duration_since(self.opened_at).as_secs_f64(),
+            idle_seconds: now.duration_since(self.last_activity).as_secs_f64(),
+            bytes_received: self.device.received,
+            bytes_sent: self.device.sent,
+            queued: self.device.queued(),
+            targets,
+        }
     }
 
     /// Records a poll event's hints for one side; `hangup` when the event
@@ -303,6 +381,7 @@ impl Connection {
         };
         ctx.journal
             .dropped(self.origin, spec.number, Some(&spec.label), &closed);
+        ctx.counters.drop_of(usize::from(spec.number), &why);
         if spec.mandatory {
             let whole = reason::mandatory_failed(spec.number);
             self.end(whole.clone(), whole, false);
@@ -353,7 +432,10 @@ impl Connection {
                 continue;
             }
             match link.endpoint.flush() {
-                Ok(written) => moved |= written > 0,
+                Ok(written) => {
+                    ctx.sent(index + 1, written);
+                    moved |= written > 0;
+                }
                 Err(e) => {
                     self.target_failed(index, reason::describe(&e), ctx);
                     moved = true;
@@ -374,6 +456,7 @@ impl Connection {
         match self.device.read(&mut buffer[..limit]) {
             ReadOutcome::Data(n) => {
                 self.last_activity = ctx.now;
+                ctx.received(0, n);
                 let packet = &buffer[..n];
                 ctx.journal.data(self.origin, DEVICE, None, packet);
                 self.forward_to_targets(packet, ctx);
@@ -420,8 +503,9 @@ impl Connection {
                 self.target_failed(index, reason::TARGET_BUFFER_OVERFLOW.into(), ctx);
                 continue;
             }
-            if let Err(e) = link.endpoint.send(packet) {
-                self.target_failed(index, reason::describe(&e), ctx);
+            match link.endpoint.send(packet) {
+                Ok(written) => ctx.sent(index + 1, written),
+                Err(e) => self.target_failed(index, reason::describe(&e), ctx),
             }
         }
     }
@@ -448,7 +532,11 @@ impl Connection {
                 true => room.min(buffer.len()),
                 false => buffer.len(),
             };
-            match link.endpoint.read(&mut buffer[..limit]) {
+            let outcome = link.endpoint.read(&mut buffer[..limit]);
+            if let ReadOutcome::Data(n) = outcome {
+                ctx.received(index + 1, n);
+            }
+            match outcome {
                 ReadOutcome::Data(n) if spec.replies => {
                     moved = true;
                     self.relay_reply(spec, &buffer[..n], ctx);
@@ -472,8 +560,9 @@ impl Connection {
         self.last_activity = ctx.now;
         ctx.journal
             .data(self.origin, spec.number, Some(&spec.label), packet);
-        if let Err(e) = self.device.send(packet) {
-            self.end(reason::describe(&e), reason::DEVICE_FAILED.into(), false);
+        match self.device.send(packet) {
+            Ok(written) => ctx.sent(0, written),
+            Err(e) => self.end(reason::describe(&e), reason::DEVICE_FAILED.into(), false),
         }
     }
 
@@ -483,7 +572,8 @@ impl Connection {
         }
         match self.device.flush() {
             Ok(0) => false,
-            Ok(_) => {
+            Ok(written) => {
+                ctx.sent(0, written);
                 self.last_activity = ctx.now;
                 true
             }
@@ -555,6 +645,7 @@ impl Connection {
         };
         ctx.journal
             .dropped(self.origin, spec.number, Some(&spec.label), &closed);
+        ctx.counters.drop_of(index + 1, &why);
     }
 
     /// Decides the connection ends; the first reason given is kept.
@@ -571,7 +662,11 @@ impl Connection {
     fn linger_or_finish(&mut self, ctx: &mut Context<'_>) -> Drive {
         let lingering = self.ending.as_ref().is_some_and(|e| e.linger);
         if lingering && self.device.queued() > 0 {
-            match self.device.flush() {
+            let flushed = self.device.flush();
+            if let Ok(written) = flushed {
+                ctx.sent(0, written);
+            }
+            match flushed {
                 Ok(_) if self.device.queued() > 0 => return Drive::Idle,
                 Ok(_) => {}
                 Err(e) => log::debug!("{}: device write failed: {e}", self.origin.ident),
@@ -597,6 +692,7 @@ impl Connection {
             sent: self.device.sent,
         };
         ctx.journal.dropped(self.origin, DEVICE, None, &closed);
+        ctx.counters.drop_of(0, &ending.reason);
     }
 }
 

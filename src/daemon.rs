@@ -10,6 +10,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::thread::JoinHandle;
@@ -22,9 +23,11 @@ use signal_hook::iterator::Signals;
 use crate::acceptor::{Acceptor, AcceptorSetup};
 use crate::config::{AcceptProxyProtocol, Config, MAX_TARGETS, SendProxyProtocol};
 use crate::connection::Settings;
+use crate::control::{self, Control, ControlSetup};
 use crate::journal::{Journal, JournalSettings, StoreCommand};
 use crate::limits;
 use crate::resolver;
+use crate::stats::{Counters, Registry};
 use crate::store::{Store, StoreError, StoreSettings};
 use crate::worker::{Command, READ_BUFFER, Worker, WorkerHandle, WorkerSetup};
 
@@ -43,6 +46,8 @@ pub enum StartError {
     },
     #[error("{0}")]
     Unsupported(String),
+    #[error("cannot use the control socket {path}: {source}")]
+    Control { path: PathBuf, source: io::Error },
     #[error("cannot start: {0}")]
     Io(#[from] io::Error),
 }
@@ -52,7 +57,7 @@ impl StartError {
     pub fn exit_code(&self) -> u8 {
         match self {
             StartError::Store(_) | StartError::Unsupported(_) => 2,
-            StartError::Listen { .. } | StartError::Io(_) => 1,
+            StartError::Listen { .. } | StartError::Control { .. } | StartError::Io(_) => 1,
         }
     }
 }
@@ -61,8 +66,10 @@ impl StartError {
 pub fn run(config: Config) -> Result<(), StartError> {
     refuse_unbuilt_features(&config)?;
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
-    let store = Store::open(StoreSettings::new(&config))?;
+    let mut registry = Registry::default();
+    let store = Store::open(StoreSettings::new(&config), Arc::clone(&registry.writer))?;
     info!("writing messages to {}", store.path().display());
+    let control_socket = bind_control_socket(&config)?;
     log_descriptor_room(&config);
     let listeners = bind_all(&config.listen)?;
 
@@ -83,23 +90,46 @@ pub fn run(config: Config) -> Result<(), StartError> {
     let mut handles = Vec::new();
     let mut worker_threads = Vec::new();
     for id in 0..config.workers {
+        let counters = Arc::new(Counters::default());
+        registry.workers.push(Arc::clone(&counters));
         let (handle, thread) = Worker::spawn(WorkerSetup {
             id,
             settings: Arc::clone(&settings),
-            journal: Journal::new(store_sender.clone(), journal_settings),
+            journal: Journal::new(
+                store_sender.clone(),
+                journal_settings,
+                Arc::clone(&counters),
+            ),
             addresses,
             open_connections: Arc::clone(&open_connections),
+            counters,
         })?;
         handles.push(handle);
         worker_threads.push(thread);
     }
     start_resolvers(&config, &settings, &addresses, &handles)?;
+    let (control, control_thread) = Control::spawn(ControlSetup {
+        socket: control_socket,
+        workers: handles.clone(),
+        registry: registry.clone(),
+        store: store_sender.clone(),
+        targets: config.targets.iter().map(|t| t.number).collect(),
+        metrics: config
+            .metrics_file
+            .clone()
+            .map(|path| (path, config.metrics_interval)),
+    })?;
     let (acceptor, acceptor_thread) = Acceptor::spawn(AcceptorSetup {
         listeners,
         workers: handles.clone(),
-        journal: Journal::new(store_sender.clone(), journal_settings),
+        journal: Journal::new(
+            store_sender.clone(),
+            journal_settings,
+            Arc::clone(&registry.acceptor),
+        ),
         open_connections,
         max_connections: config.max_connections,
+        counters: Arc::clone(&registry.acceptor),
     })?;
     info!(
         "proxy-channel {} running: {} workers, {} targets, store {}",
@@ -128,6 +158,8 @@ pub fn run(config: Config) -> Result<(), StartError> {
     for thread in worker_threads {
         join("worker", thread);
     }
+    control.stop();
+    join("control", control_thread);
     drop(handles);
     drop(store_sender);
     join("writer", writer);
@@ -154,13 +186,21 @@ fn refuse_unbuilt_features(config: &Config) -> Result<(), StartError> {
             target.number
         )));
     }
-    if let Some(path) = &config.metrics_file {
-        return Err(StartError::Unsupported(format!(
-            "PROXY_METRICS_FILE={:?}: expected unset (metrics are not built yet)",
-            path.display().to_string()
-        )));
-    }
     Ok(())
+}
+
+fn bind_control_socket(
+    config: &Config,
+) -> Result<Option<(PathBuf, mio::net::UnixListener)>, StartError> {
+    let Some(path) = &config.control_socket else {
+        return Ok(None);
+    };
+    let listener = control::bind(path).map_err(|source| StartError::Control {
+        path: path.clone(),
+        source,
+    })?;
+    info!("control socket on {}", path.display());
+    Ok(Some((path.clone(), listener)))
 }
 
 fn log_descriptor_room(config: &Config) {

@@ -9,7 +9,10 @@
 use crossbeam_channel::Sender;
 use log::error;
 
+use std::sync::Arc;
+
 use crate::message::{Event, Hex, Message, Origin, now_timestamp};
+use crate::stats::{self, Counters};
 
 /// A batch is sent once it holds this many bytes (or at the end of a loop
 /// iteration, whichever comes first).
@@ -42,16 +45,23 @@ pub struct JournalSettings {
 pub struct Journal {
     sender: Sender<StoreCommand>,
     settings: JournalSettings,
+    counters: Arc<Counters>,
     batch: Vec<u8>,
     count: usize,
     writer_gone_reported: bool,
 }
 
 impl Journal {
-    pub fn new(sender: Sender<StoreCommand>, settings: JournalSettings) -> Journal {
+    /// A journal that counts the messages it makes in `counters`.
+    pub fn new(
+        sender: Sender<StoreCommand>,
+        settings: JournalSettings,
+        counters: Arc<Counters>,
+    ) -> Journal {
         Journal {
             sender,
             settings,
+            counters,
             batch: Vec::new(),
             count: 0,
             writer_gone_reported: false,
@@ -141,6 +151,7 @@ impl Journal {
             Ok(()) => {
                 self.batch.push(b'\n');
                 self.count += 1;
+                stats::add(&self.counters.messages, 1);
             }
             Err(e) => {
                 // Cannot happen for this struct written to memory; keep the

@@ -15,6 +15,9 @@
 //!   [`journal`] and push batches of lines onto one bounded channel;
 //! - the **writer** ([`store`]) drains that channel into
 //!   `messages.jsonl`, rotating and pruning files ([`rotation`]);
+//! - the **control** thread ([`control`]) serves `proxy-channel ctl` on a
+//!   Unix socket and writes the [`metrics`] file, from the per-thread
+//!   [`stats`] counters;
 //! - a **resolver** thread per target host name ([`resolver`]) keeps its
 //!   address fresh so that workers never wait on DNS;
 //! - the main thread ([`daemon`]) starts all of this, then waits for
@@ -28,17 +31,21 @@ pub mod acceptor;
 pub mod cli;
 pub mod config;
 pub mod connection;
+pub mod control;
+pub mod ctl;
 pub mod daemon;
 pub mod filter;
 pub mod journal;
 pub mod limits;
 pub mod message;
+pub mod metrics;
 pub mod reader;
 pub mod reason;
 pub mod replay;
 pub mod resolver;
 pub mod rotation;
 pub mod socket;
+pub mod stats;
 pub mod store;
 pub mod units;
 pub mod viewer;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use proxy_channel::cli::{self, Command};
 use proxy_channel::config::Config;
-use proxy_channel::{daemon, replay, viewer};
+use proxy_channel::{ctl, daemon, replay, viewer};
 
 fn main() -> ExitCode {
     let command = match cli::parse(std::env::args_os().skip(1).collect()) {
@@ -37,6 +37,10 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
+        Command::Ctl(options) => match ctl::run(&options, &mut std::io::stdout().lock()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        },
         Command::Replay(options) => match replay::run(&options) {
             Ok(summary) if summary.failed == 0 => ExitCode::SUCCESS,
             Ok(_) => ExitCode::from(1),

@@ -17,6 +17,7 @@ pub const CONNECT_TIMEOUT: &str = "connect timeout";
 pub const TARGET_BUFFER_OVERFLOW: &str = "target buffer overflow";
 pub const SHUTDOWN: &str = "shutdown";
 pub const TOO_MANY_CONNECTIONS: &str = "too many connections";
+pub const CLOSED_BY_OPERATOR: &str = "closed by operator";
 /// A target closed because its device reset or failed.
 pub const DEVICE_FAILED: &str = "device failed";
 

@@ -15,6 +15,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
@@ -23,6 +24,7 @@ use log::{error, info, warn};
 use crate::config::Config;
 use crate::journal::StoreCommand;
 use crate::rotation::{self, CURRENT};
+use crate::stats::{self, Counters};
 
 /// Write once this much is buffered, even if more is waiting.
 const WRITE_CHUNK: usize = 1 << 20;
@@ -78,12 +80,15 @@ pub struct Store {
     /// Error kinds already logged since the last successful write.
     reported: HashSet<io::ErrorKind>,
     rotate_retry_at: Option<Instant>,
+    /// Lines in `pending`.
+    pending_lines: u64,
     lines_written: u64,
+    counters: Arc<Counters>,
 }
 
 impl Store {
     /// Creates the folder if needed and opens the current file for append.
-    pub fn open(settings: StoreSettings) -> Result<Store, StoreError> {
+    pub fn open(settings: StoreSettings, counters: Arc<Counters>) -> Result<Store, StoreError> {
         let fail = |source| StoreError {
             dir: settings.dir.clone(),
             source,
@@ -98,7 +103,9 @@ impl Store {
             pending: Vec::with_capacity(WRITE_CHUNK),
             reported: HashSet::new(),
             rotate_retry_at: None,
+            pending_lines: 0,
             lines_written: 0,
+            counters,
         };
         store.apply_retention();
         Ok(store)
@@ -140,7 +147,7 @@ impl Store {
         match command {
             StoreCommand::Write(batch) => {
                 self.pending.extend_from_slice(&batch.lines);
-                self.lines_written += batch.count as u64;
+                self.pending_lines += batch.count as u64;
             }
             StoreCommand::Rotate => {
                 self.write_pending();
@@ -175,9 +182,15 @@ impl Store {
             }
         }
         self.pending.clear();
+        self.lines_written += self.pending_lines;
+        stats::add(
+            &self.counters.messages,
+            std::mem::take(&mut self.pending_lines),
+        );
     }
 
     fn write_failed(&mut self, error: io::Error, backoff: &mut Duration) {
+        stats::add(&self.counters.write_errors, 1);
         if self.reported.insert(error.kind()) {
             error!(
                 "cannot write messages to {}: {error}; retrying, nothing is dropped",

@@ -22,10 +22,11 @@ use mio::{Events, Poll, Token, Waker};
 use slab::Slab;
 
 use crate::config::MAX_TARGETS;
-use crate::connection::{Connection, Context, Drive, Settings, slot_and_side};
+use crate::connection::{Connection, ConnectionReport, Context, Drive, Settings, slot_and_side};
 use crate::journal::Journal;
-use crate::message::Origin;
+use crate::message::{Ident, Origin};
 use crate::reason;
+use crate::stats::{self, Counters};
 
 /// The bytes one read may return: a packet is at most this large.
 pub const READ_BUFFER: usize = 256 * 1024;
@@ -41,6 +42,13 @@ pub enum Command {
         number: u8,
         address: Option<SocketAddr>,
     },
+    /// Report every connection.
+    List {
+        reply: Sender<Vec<ConnectionReport>>,
+    },
+    /// Close the connection with this ident (reason `closed by operator`);
+    /// the reply says whether this worker had it.
+    Close { ident: Ident, reply: Sender<bool> },
     /// Close every connection with reason `shutdown` and stop.
     Shutdown,
 }
@@ -86,6 +94,7 @@ pub struct Worker {
     buffer: Vec<u8>,
     addresses: [Option<SocketAddr>; MAX_TARGETS],
     open_connections: Arc<AtomicUsize>,
+    counters: Arc<Counters>,
     tick: Duration,
 }
 
@@ -96,6 +105,7 @@ pub struct WorkerSetup {
     pub journal: Journal,
     pub addresses: [Option<SocketAddr>; MAX_TARGETS],
     pub open_connections: Arc<AtomicUsize>,
+    pub counters: Arc<Counters>,
 }
 
 impl Worker {
@@ -117,6 +127,7 @@ impl Worker {
             buffer: vec![0; READ_BUFFER],
             addresses: setup.addresses,
             open_connections: setup.open_connections,
+            counters: setup.counters,
             tick,
         };
         let thread = std::thread::Builder::new()
@@ -185,10 +196,39 @@ impl Worker {
                 Ok(Command::TargetAddress { number, address }) => {
                     self.addresses[usize::from(number - 1)] = address;
                 }
+                Ok(Command::List { reply }) => {
+                    let reports = self
+                        .connections
+                        .iter()
+                        .map(|(_, c)| c.report(now))
+                        .collect();
+                    // The asker may have given up waiting; nothing to do then.
+                    let _ = reply.send(reports);
+                }
+                Ok(Command::Close { ident, reply }) => {
+                    let _ = reply.send(self.close_ident(ident));
+                }
                 Ok(Command::Shutdown) => return true,
                 Err(TryRecvError::Empty) => return false,
                 Err(TryRecvError::Disconnected) => return true,
             }
+        }
+    }
+
+    /// Closes the connection with `ident`, if it is here.
+    fn close_ident(&mut self, ident: Ident) -> bool {
+        let found = self
+            .connections
+            .iter_mut()
+            .find(|(_, c)| c.origin().ident == ident);
+        match found {
+            Some((slot, connection)) => {
+                log::info!("[worker {}] {ident}: closed by operator", self.id);
+                connection.close(reason::CLOSED_BY_OPERATOR);
+                schedule(&mut self.scheduled, connection, slot);
+                true
+            }
+            None => false,
         }
     }
 
@@ -204,10 +244,12 @@ impl Worker {
             journal: &mut self.journal,
             settings: &self.settings,
             addresses: &self.addresses,
+            counters: &self.counters,
             now,
         };
         let connection = entry.insert(Connection::open(slot, stream, origin, &mut ctx));
         schedule(&mut self.scheduled, connection, slot);
+        stats::add(&self.counters.opened, 1);
     }
 
     fn drive_scheduled(&mut self, now: Instant) {
@@ -216,6 +258,7 @@ impl Worker {
             journal: &mut self.journal,
             settings: &self.settings,
             addresses: &self.addresses,
+            counters: &self.counters,
             now,
         };
         let slots = std::mem::take(&mut self.scheduled);
@@ -230,6 +273,7 @@ impl Worker {
                 Drive::Finished => {
                     self.connections.remove(slot);
                     self.open_connections.fetch_sub(1, Ordering::Relaxed);
+                    stats::add(&self.counters.closed, 1);
                 }
             }
         }
@@ -247,6 +291,7 @@ impl Worker {
             journal: &mut self.journal,
             settings: &self.settings,
             addresses: &self.addresses,
+            counters: &self.counters,
             now,
         };
         let mut ctx = ctx;

@@ -1,0 +1,403 @@
+//! A target server: one thread, one mio poll, every connection checked.
+//!
+//! It accepts connections (from the proxy, or from devices directly), reads
+//! each one's header and then checks every byte against what the device must
+//! have sent ([`crate::wire`]). Echo connections get each packet back;
+//! tracker packets have their latency recorded. When a connection's peer
+//! closes its sending side, the target closes the connection (after flushing
+//! any echo), which lets the proxy close the device. Live counters sit in
+//! [`Shared`]; the per-connection results come back from [`Target::finish`].
+//! A connection that closes without sending a byte is a readiness probe and
+//! is ignored.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::os::fd::FromRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+
+use crate::wire::{self, HEADER_LEN, Mode, PACKET_LEN, Pattern};
+
+const LISTENER: Token = Token(usize::MAX);
+const READ_SIZE: usize = 256 * 1024;
+
+/// Counters the orchestrator reads while the target runs.
+#[derive(Default)]
+pub struct Shared {
+    /// Every byte read, headers included.
+    pub bytes: AtomicU64,
+    /// Packets checked (echo, tracker and flood modes).
+    pub packets: AtomicU64,
+    /// Connections whose header has arrived.
+    pub identified: AtomicUsize,
+    /// Connections closed cleanly by their peer and then by us.
+    pub finished: AtomicUsize,
+    stop: AtomicBool,
+}
+
+/// What one connection delivered.
+#[derive(Debug, Default, Clone)]
+pub struct ConnResult {
+    /// Bytes after the header.
+    pub bytes: u64,
+    pub packets: u64,
+    /// The peer closed its side cleanly and every echo was written.
+    pub finished: bool,
+}
+
+/// Everything a target saw, once it has stopped.
+pub struct Outcome {
+    pub conns: HashMap<u64, ConnResult>,
+    pub failures: Vec<String>,
+    /// Tracker packets' latency, nanoseconds.
+    pub latency: Histogram<u64>,
+}
+
+pub struct Target {
+    pub addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    thread: JoinHandle<Outcome>,
+}
+
+impl Target {
+    /// Listens on a free loopback port and serves on a new thread.
+    pub fn start() -> io::Result<Target> {
+        let listener = listen_loopback(4096)?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared::default());
+        let mut server = Server::new(TcpListener::from_std(listener), shared.clone())?;
+        let thread = std::thread::Builder::new()
+            .name("target".into())
+            .spawn(move || server.run())?;
+        Ok(Target {
+            addr,
+            shared,
+            thread,
+        })
+    }
+
+    /// Stops serving and returns what every connection delivered.
+    pub fn finish(self) -> Outcome {
+        self.shared.stop.store(true, Relaxed);
+        self.thread.join().expect("target thread panicked")
+    }
+}
+
+/// A loopback listener with a deep backlog (std and mio use 128, too few
+/// for thousands of trackers connecting at once).
+fn listen_loopback(backlog: i32) -> io::Result<StdListener> {
+    // SAFETY: plain socket calls on a descriptor we own; on error it is
+    // closed by the StdListener wrapper created right after socket().
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        );
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let listener = StdListener::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0, // the kernel picks a free port
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let ok = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
+            && libc::bind(
+                fd,
+                (&sa as *const libc::sockaddr_in).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            ) == 0
+            && libc::listen(fd, backlog) == 0;
+        if ok {
+            Ok(listener)
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+struct Conn {
+    stream: TcpStream,
+    header: [u8; HEADER_LEN],
+    header_len: usize,
+    mode: Option<(Mode, u64)>,
+    pattern: Option<Pattern>,
+    result: ConnResult,
+    packet: [u8; PACKET_LEN],
+    packet_len: usize,
+    /// Echoes not yet written.
+    echo: Vec<u8>,
+    read_closed: bool,
+}
+
+struct Server {
+    poll: Poll,
+    listener: TcpListener,
+    conns: Slab<Conn>,
+    shared: Arc<Shared>,
+    buffer: Vec<u8>,
+    outcome: Outcome,
+}
+
+impl Server {
+    fn new(mut listener: TcpListener, shared: Arc<Shared>) -> io::Result<Server> {
+        let poll = Poll::new()?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        Ok(Server {
+            poll,
+            listener,
+            conns: Slab::new(),
+            shared,
+            buffer: vec![0; READ_SIZE],
+            outcome: Outcome {
+                conns: HashMap::new(),
+                failures: Vec::new(),
+                latency: Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("bounds"),
+            },
+        })
+    }
+
+    fn run(&mut self) -> Outcome {
+        let mut events = Events::with_capacity(1024);
+        while !self.shared.stop.load(Relaxed) {
+            if let Err(e) = self.poll.poll(&mut events, Some(Duration::from_millis(20))) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    self.outcome.failures.push(format!("target poll: {e}"));
+                    break;
+                }
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(),
+                    Token(slot) => self.serve(slot),
+                }
+            }
+        }
+        // Connections still open have not finished; note what they got.
+        for (_, conn) in self.conns.drain() {
+            if let Some((_, id)) = conn.mode {
+                self.outcome.conns.insert(id, conn.result);
+            }
+        }
+        std::mem::replace(
+            &mut self.outcome,
+            Outcome {
+                conns: HashMap::new(),
+                failures: Vec::new(),
+                latency: Histogram::new(3).expect("sigfig"),
+            },
+        )
+    }
+
+    fn accept(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((mut stream, _)) => {
+                    let entry = self.conns.vacant_entry();
+                    let token = Token(entry.key());
+                    let registered = stream.set_nodelay(true).and_then(|()| {
+                        self.poll.registry().register(
+                            &mut stream,
+                            token,
+                            Interest::READABLE | Interest::WRITABLE,
+                        )
+                    });
+                    if let Err(e) = registered {
+                        self.outcome.failures.push(format!("target register: {e}"));
+                        continue;
+                    }
+                    entry.insert(Conn {
+                        stream,
+                        header: [0; HEADER_LEN],
+                        header_len: 0,
+                        mode: None,
+                        pattern: None,
+                        result: ConnResult::default(),
+                        packet: [0; PACKET_LEN],
+                        packet_len: 0,
+                        echo: Vec::new(),
+                        read_closed: false,
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // EMFILE and the like: say so and stop accepting for now.
+                    self.outcome.failures.push(format!("target accept: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads until WouldBlock, checks, echoes, and closes when done.
+    fn serve(&mut self, slot: usize) {
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        let mut failure = None;
+        while !conn.read_closed {
+            match conn.stream.read(&mut self.buffer) {
+                Ok(0) => conn.read_closed = true,
+                Ok(n) => {
+                    self.shared.bytes.fetch_add(n as u64, Relaxed);
+                    let chunk = &self.buffer[..n];
+                    if let Err(e) = take(conn, chunk, &self.shared, &mut self.outcome.latency) {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    failure = Some(format!("{}: read: {e}", describe(conn)));
+                    break;
+                }
+            }
+        }
+        if failure.is_none() {
+            failure = flush_echo(conn).err();
+        }
+        if failure.is_none() && conn.read_closed && conn.echo.is_empty() {
+            failure = check_end(conn).err();
+            if failure.is_none() {
+                self.close(slot, true);
+                return;
+            }
+        }
+        if let Some(failure) = failure {
+            self.outcome.failures.push(failure);
+            self.close(slot, false);
+        }
+    }
+
+    fn close(&mut self, slot: usize, finished: bool) {
+        let mut conn = self.conns.remove(slot);
+        // Deregistering can only fail if the socket is already gone; the
+        // drop below closes it either way.
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+        let Some((_, id)) = conn.mode else {
+            return; // a probe: nothing was sent
+        };
+        conn.result.finished = finished;
+        if finished {
+            self.shared.finished.fetch_add(1, Relaxed);
+        }
+        if self.outcome.conns.insert(id, conn.result).is_some() {
+            self.outcome
+                .failures
+                .push(format!("connection {id} arrived twice"));
+        }
+    }
+}
+
+fn describe(conn: &Conn) -> String {
+    match conn.mode {
+        Some((mode, id)) => format!("connection {id} ({mode:?})"),
+        None => "unidentified connection".into(),
+    }
+}
+
+/// Takes in one chunk read from a connection and checks it.
+fn take(
+    conn: &mut Conn,
+    mut chunk: &[u8],
+    shared: &Shared,
+    latency: &mut Histogram<u64>,
+) -> Result<(), String> {
+    if conn.mode.is_none() {
+        let want = (HEADER_LEN - conn.header_len).min(chunk.len());
+        conn.header[conn.header_len..conn.header_len + want].copy_from_slice(&chunk[..want]);
+        conn.header_len += want;
+        chunk = &chunk[want..];
+        if conn.header_len < HEADER_LEN {
+            return Ok(());
+        }
+        let (mode, id) = wire::parse_header(&conn.header)?;
+        conn.mode = Some((mode, id));
+        if mode == Mode::Stream {
+            conn.pattern = Some(Pattern::new(id));
+        }
+        shared.identified.fetch_add(1, Relaxed);
+    }
+    let (mode, id) = conn.mode.expect("identified above");
+    if let Some(pattern) = &conn.pattern {
+        if let Err(at) = pattern.check(conn.result.bytes, chunk) {
+            return Err(format!("connection {id}: stream byte {at} is wrong"));
+        }
+        conn.result.bytes += chunk.len() as u64;
+        return Ok(());
+    }
+    conn.result.bytes += chunk.len() as u64;
+    while !chunk.is_empty() {
+        let want = (PACKET_LEN - conn.packet_len).min(chunk.len());
+        conn.packet[conn.packet_len..conn.packet_len + want].copy_from_slice(&chunk[..want]);
+        conn.packet_len += want;
+        chunk = &chunk[want..];
+        if conn.packet_len < PACKET_LEN {
+            break;
+        }
+        conn.packet_len = 0;
+        let sent_ns = wire::check_packet(id, conn.result.packets, &conn.packet)?;
+        conn.result.packets += 1;
+        shared.packets.fetch_add(1, Relaxed);
+        match mode {
+            Mode::Echo => conn.echo.extend_from_slice(&conn.packet),
+            Mode::Tracker => {
+                latency.saturating_record(wire::now_ns().saturating_sub(sent_ns).max(1))
+            }
+            Mode::Flood | Mode::Stream => {}
+        }
+    }
+    Ok(())
+}
+
+fn flush_echo(conn: &mut Conn) -> Result<(), String> {
+    while !conn.echo.is_empty() {
+        match conn.stream.write(&conn.echo) {
+            Ok(n) => {
+                conn.echo.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("{}: echo: {e}", describe(conn))),
+        }
+    }
+    Ok(())
+}
+
+/// The peer closed: it must not have stopped inside a header or a packet.
+fn check_end(conn: &Conn) -> Result<(), String> {
+    if conn.header_len > 0 && conn.mode.is_none() {
+        return Err("connection closed inside its header".into());
+    }
+    if conn.packet_len > 0 {
+        return Err(format!(
+            "{}: closed inside a packet ({} of {PACKET_LEN} bytes)",
+            describe(conn),
+            conn.packet_len
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,153 @@
+//! `proxy-channel ctl`: the client of the control socket.
+//!
+//! Sends one request line, reads one reply line, and prints it as a table
+//! (or unchanged with `--json`). A daemon that is not running, or a socket
+//! this user may not open, is a clear one-line error.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::connection::ConnectionReport;
+use crate::stats::{DropKind, Snapshot};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    List,
+    Close(String),
+    Stats,
+}
+
+#[derive(Debug, Clone)]
+pub struct CtlOptions {
+    pub socket: PathBuf,
+    pub request: Request,
+    pub json: bool,
+}
+
+/// Why `ctl` failed, in one line.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error(
+        "cannot reach the daemon at {path}: {source} (is it running, and is PROXY_CONTROL_SOCKET the same?)"
+    )]
+    Connect { path: PathBuf, source: io::Error },
+    #[error("talking to the daemon failed: {0}")]
+    Io(#[from] io::Error),
+    #[error("the daemon answered something unexpected: {0}")]
+    Reply(String),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Sends the request and prints the answer on `out`.
+pub fn run(options: &CtlOptions, out: &mut dyn Write) -> Result<(), CtlError> {
+    let reply = ask(options)?;
+    let value: Value = serde_json::from_str(&reply).map_err(|e| CtlError::Reply(e.to_string()))?;
+    if value["ok"] != json!(true) {
+        let why = value["error"].as_str().unwrap_or("no reason given");
+        return Err(CtlError::Refused(why.to_string()));
+    }
+    if options.json {
+        writeln!(out, "{}", reply.trim_end())?;
+        return Ok(());
+    }
+    match &options.request {
+        Request::List => print_list(&value, out),
+        Request::Stats => print_stats(&value, out),
+        Request::Close(ident) => Ok(writeln!(out, "closed {ident}")?),
+    }
+}
+
+fn ask(options: &CtlOptions) -> Result<String, CtlError> {
+    let stream = UnixStream::connect(&options.socket).map_err(|source| CtlError::Connect {
+        path: options.socket.clone(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let request = match &options.request {
+        Request::List => json!({"command": "list"}),
+        Request::Stats => json!({"command": "stats"}),
+        Request::Close(ident) => json!({"command": "close", "ident": ident}),
+    };
+    let mut writer = &stream;
+    writeln!(writer, "{request}")?;
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply)?;
+    if reply.is_empty() {
+        return Err(CtlError::Reply("no answer".into()));
+    }
+    Ok(reply)
+}
+
+fn print_list(value: &Value, out: &mut dyn Write) -> Result<(), CtlError> {
+    let connections: Vec<ConnectionReport> = serde_json::from_value(value["connections"].clone())
+        .map_err(|e| CtlError::Reply(e.to_string()))?;
+    writeln!(
+        out,
+        "{:<16}  {:<22}  {:>9}  {:>8}  {:>12}  {:>12}  targets",
+        "ident", "peer", "age", "idle", "received", "sent"
+    )?;
+    for c in &connections {
+        let targets: Vec<String> = c
+            .targets
+            .iter()
+            .map(|t| {
+                format!(
+                    "{}:{} queued {} in {} out {}",
+                    t.target, t.state, t.queued, t.bytes_received, t.bytes_sent
+                )
+            })
+            .collect();
+        writeln!(
+            out,
+            "{:<16}  {:<22}  {:>8.1}s  {:>7.1}s  {:>12}  {:>12}  {}",
+            c.ident,
+            c.peer,
+            c.age_seconds,
+            c.idle_seconds,
+            c.bytes_received,
+            c.bytes_sent,
+            targets.join(", ")
+        )?;
+    }
+    writeln!(out, "{} connections", connections.len())?;
+    Ok(())
+}
+
+fn print_stats(value: &Value, out: &mut dyn Write) -> Result<(), CtlError> {
+    let s: Snapshot = serde_json::from_value(value["stats"].clone())
+        .map_err(|e| CtlError::Reply(e.to_string()))?;
+    writeln!(out, "connections open       {}", s.connections_open)?;
+    writeln!(out, "connections total      {}", s.connections_total)?;
+    writeln!(out, "connections refused    {}", s.connections_refused)?;
+    let targets: Vec<usize> = serde_json::from_value(value["targets"].clone()).unwrap_or_default();
+    for side in std::iter::once(0).chain(targets) {
+        let name = match side {
+            0 => "device".to_string(),
+            n => format!("target {n}"),
+        };
+        writeln!(
+            out,
+            "{name:<9} received {} B in {} packets, sent {} B",
+            s.bytes_received[side], s.packets[side], s.bytes_sent[side]
+        )?;
+        let drops: Vec<String> = DropKind::ALL
+            .iter()
+            .zip(s.drops[side])
+            .filter(|(_, n)| *n > 0)
+            .map(|(kind, n)| format!("{} {n}", kind.label()))
+            .collect();
+        if !drops.is_empty() {
+            writeln!(out, "{name:<9} dropped: {}", drops.join(", "))?;
+        }
+    }
+    writeln!(out, "messages made          {}", s.messages_queued)?;
+    writeln!(out, "messages written       {}", s.messages_written)?;
+    writeln!(out, "writer queue depth     {}", s.writer_queue_depth)?;
+    writeln!(out, "write errors           {}", s.write_errors)?;
+    Ok(())
+}

@@ -1,0 +1,231 @@
+//! Counters of what the daemon does, kept without locks on the hot path.
+//!
+//! Each thread that counts (a worker, the acceptor, the writer) owns one
+//! [`Counters`] and is its only writer, so a count is a plain load and store
+//! of a relaxed atomic, no locked instruction. Readers (the control thread)
+//! sum all of them into a [`Snapshot`]. Byte counts are per side: index 0 is
+//! the device side, 1..=3 the targets.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::reason;
+
+/// The device plus three targets.
+pub const SIDES: usize = 4;
+
+/// Why a side was dropped, as a small fixed set for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropKind {
+    ClosedByPeer,
+    ResetByPeer,
+    IdleTimeout,
+    ConnectFailed,
+    ConnectTimeout,
+    MandatoryTarget,
+    BufferOverflow,
+    DeviceFailed,
+    TooManyConnections,
+    ClosedByOperator,
+    Shutdown,
+    Other,
+}
+
+impl DropKind {
+    pub const ALL: [DropKind; 12] = [
+        DropKind::ClosedByPeer,
+        DropKind::ResetByPeer,
+        DropKind::IdleTimeout,
+        DropKind::ConnectFailed,
+        DropKind::ConnectTimeout,
+        DropKind::MandatoryTarget,
+        DropKind::BufferOverflow,
+        DropKind::DeviceFailed,
+        DropKind::TooManyConnections,
+        DropKind::ClosedByOperator,
+        DropKind::Shutdown,
+        DropKind::Other,
+    ];
+
+    /// The kind of a `proxy.reason`.
+    pub fn of(why: &str) -> DropKind {
+        match why {
+            reason::CLOSED_BY_PEER => DropKind::ClosedByPeer,
+            reason::RESET_BY_PEER => DropKind::ResetByPeer,
+            reason::IDLE_TIMEOUT => DropKind::IdleTimeout,
+            reason::CONNECT_TIMEOUT => DropKind::ConnectTimeout,
+            reason::TARGET_BUFFER_OVERFLOW => DropKind::BufferOverflow,
+            reason::DEVICE_FAILED => DropKind::DeviceFailed,
+            reason::TOO_MANY_CONNECTIONS => DropKind::TooManyConnections,
+            reason::CLOSED_BY_OPERATOR => DropKind::ClosedByOperator,
+            reason::SHUTDOWN => DropKind::Shutdown,
+            r if r.starts_with("connect failed") => DropKind::ConnectFailed,
+            r if r.starts_with("mandatory target") => DropKind::MandatoryTarget,
+            _ => DropKind::Other,
+        }
+    }
+
+    /// Its label value in metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            DropKind::ClosedByPeer => "closed_by_peer",
+            DropKind::ResetByPeer => "reset_by_peer",
+            DropKind::IdleTimeout => "idle_timeout",
+            DropKind::ConnectFailed => "connect_failed",
+            DropKind::ConnectTimeout => "connect_timeout",
+            DropKind::MandatoryTarget => "mandatory_target",
+            DropKind::BufferOverflow => "target_buffer_overflow",
+            DropKind::DeviceFailed => "device_failed",
+            DropKind::TooManyConnections => "too_many_connections",
+            DropKind::ClosedByOperator => "closed_by_operator",
+            DropKind::Shutdown => "shutdown",
+            DropKind::Other => "other",
+        }
+    }
+}
+
+const KINDS: usize = DropKind::ALL.len();
+
+/// One thread's counters; only that thread writes them.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Device connections taken over by this worker (or accepted, for the
+    /// acceptor).
+    pub opened: AtomicU64,
+    pub closed: AtomicU64,
+    /// Refused at PROXY_MAX_CONNECTIONS (acceptor).
+    pub refused: AtomicU64,
+    pub bytes_received: [AtomicU64; SIDES],
+    pub bytes_sent: [AtomicU64; SIDES],
+    /// Reads that returned data, per side.
+    pub packets: [AtomicU64; SIDES],
+    /// Drops per side and kind (the device's drops at index 0).
+    pub drops: [[AtomicU64; KINDS]; SIDES],
+    /// Messages handed to the writer (worker, acceptor) or written (writer).
+    pub messages: AtomicU64,
+    /// Failed writes of the message file (writer).
+    pub write_errors: AtomicU64,
+}
+
+/// Adds to a counter that only the calling thread writes.
+pub fn add(counter: &AtomicU64, n: u64) {
+    counter.store(
+        counter.load(Ordering::Relaxed).wrapping_add(n),
+        Ordering::Relaxed,
+    );
+}
+
+impl Counters {
+    pub fn drop_of(&self, side: usize, why: &str) {
+        let kind = DropKind::of(why);
+        let index = DropKind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or(KINDS - 1);
+        add(&self.drops[side][index], 1);
+    }
+}
+
+/// Every thread's counters, for the readers.
+#[derive(Debug, Default, Clone)]
+pub struct Registry {
+    pub workers: Vec<Arc<Counters>>,
+    pub acceptor: Arc<Counters>,
+    pub writer: Arc<Counters>,
+}
+
+/// The sum of all counters at one moment.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Snapshot {
+    pub connections_open: u64,
+    pub connections_total: u64,
+    pub connections_refused: u64,
+    pub bytes_received: [u64; SIDES],
+    pub bytes_sent: [u64; SIDES],
+    pub packets: [u64; SIDES],
+    pub connect_failures: [u64; SIDES],
+    /// Per side, then per [`DropKind::ALL`] index.
+    pub drops: [[u64; KINDS]; SIDES],
+    pub messages_queued: u64,
+    pub messages_written: u64,
+    pub writer_queue_depth: u64,
+    pub write_errors: u64,
+}
+
+impl Registry {
+    /// Sums everything; `writer_queue_depth` is the store channel's length.
+    pub fn snapshot(&self, writer_queue_depth: usize) -> Snapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut s = Snapshot {
+            connections_total: get(&self.acceptor.opened),
+            connections_refused: get(&self.acceptor.refused),
+            messages_queued: get(&self.acceptor.messages),
+            messages_written: get(&self.writer.messages),
+            writer_queue_depth: writer_queue_depth as u64,
+            write_errors: get(&self.writer.write_errors),
+            ..Snapshot::default()
+        };
+        let mut closed = 0;
+        let mut opened = 0;
+        for worker in &self.workers {
+            opened += get(&worker.opened);
+            closed += get(&worker.closed);
+            s.messages_queued += get(&worker.messages);
+            for side in 0..SIDES {
+                s.bytes_received[side] += get(&worker.bytes_received[side]);
+                s.bytes_sent[side] += get(&worker.bytes_sent[side]);
+                s.packets[side] += get(&worker.packets[side]);
+                for kind in 0..KINDS {
+                    s.drops[side][kind] += get(&worker.drops[side][kind]);
+                }
+            }
+        }
+        s.connections_open = opened.saturating_sub(closed);
+        let connect_failed = [DropKind::ConnectFailed, DropKind::ConnectTimeout]
+            .map(|k| DropKind::ALL.iter().position(|x| *x == k).unwrap_or(0));
+        for side in 1..SIDES {
+            s.connect_failures[side] = connect_failed.iter().map(|&i| s.drops[side][i]).sum();
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_fall_into_their_kind() {
+        assert_eq!(DropKind::of("closed by peer"), DropKind::ClosedByPeer);
+        assert_eq!(
+            DropKind::of("connect failed: connection refused"),
+            DropKind::ConnectFailed
+        );
+        assert_eq!(
+            DropKind::of("mandatory target 2 failed"),
+            DropKind::MandatoryTarget
+        );
+        assert_eq!(DropKind::of("no route to host"), DropKind::Other);
+    }
+
+    #[test]
+    fn a_snapshot_sums_every_worker() {
+        let registry = Registry {
+            workers: vec![Arc::new(Counters::default()), Arc::new(Counters::default())],
+            ..Registry::default()
+        };
+        add(&registry.acceptor.opened, 3);
+        for (i, worker) in registry.workers.iter().enumerate() {
+            add(&worker.opened, 2);
+            add(&worker.closed, i as u64);
+            add(&worker.bytes_received[0], 100);
+            worker.drop_of(1, "connect timeout");
+        }
+        let s = registry.snapshot(5);
+        assert_eq!(s.connections_total, 3);
+        assert_eq!(s.connections_open, 3);
+        assert_eq!(s.bytes_received[0], 200);
+        assert_eq!(s.connect_failures[1], 2);
+        assert_eq!(s.writer_queue_depth, 5);
+    }
+}
