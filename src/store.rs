@@ -35,7 +35,7 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// The data folder cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot write messages in {dir}: {source}")]
+#[error("PROXY_DATA_DIR={:?}: expected a folder the daemon can create and write in ({source})", dir.display().to_string())]
 pub struct StoreError {
     pub dir: PathBuf,
     #[source]

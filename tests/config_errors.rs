@@ -187,3 +187,16 @@ fn version_prints_the_version() {
         "--version output"
     );
 }
+
+#[test]
+fn an_unusable_data_dir_is_refused_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, b"not a folder").unwrap();
+    let data_dir = file.join("data");
+    let data_dir = data_dir.to_str().unwrap();
+    refused(
+        &[("PROXY_DATA_DIR", data_dir)],
+        &["PROXY_DATA_DIR", data_dir],
+    );
+}

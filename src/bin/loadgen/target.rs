@@ -195,7 +195,7 @@ impl Server {
             }
         }
         // Connections still open have not finished; note what they got.
-        for (_, conn) in self.conns.drain() {
+        for conn in self.conns.drain() {
             if let Some((_, id)) = conn.mode {
                 self.outcome.conns.insert(id, conn.result);
             }

@@ -1,0 +1,335 @@
+//! The proxy under test: start it, watch its CPU and memory, stop it.
+//!
+//! [`Kind::ProxyChannel`] is configured by environment variables (every
+//! inherited `PROXY_*` removed first), [`Kind::Haproxy`] by a config file
+//! made from a template, and [`Kind::Direct`] is no proxy at all: devices
+//! connect to the first target. The child gets `PR_SET_PDEATHSIG`, so it
+//! dies with loadgen whatever happens. Startup time is from spawn until a
+//! TCP connect to the listening port succeeds. CPU is utime+stime from
+//! `/proc/<pid>/stat`; memory is `Pss` from `/proc/<pid>/smaps_rollup`.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Which proxy sits between devices and targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    ProxyChannel,
+    Haproxy,
+    Direct,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::ProxyChannel => "pc",
+            Kind::Haproxy => "haproxy",
+            Kind::Direct => "direct",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Kind> {
+        [Kind::ProxyChannel, Kind::Haproxy, Kind::Direct]
+            .into_iter()
+            .find(|kind| kind.name() == name)
+    }
+}
+
+/// How to start either proxy.
+#[derive(Clone, Debug)]
+pub struct Setup {
+    pub proxy_channel: PathBuf,
+    pub haproxy: PathBuf,
+    pub haproxy_template: PathBuf,
+    /// proxy-channel's PROXY_WORKERS and haproxy's nbthread.
+    pub threads: usize,
+    /// Where proxy-channel's data folders and haproxy's config go.
+    pub work_dir: PathBuf,
+}
+
+/// Lines the proxy wrote on stderr, the last few kept for failure reports.
+type Tail = Arc<Mutex<VecDeque<String>>>;
+
+pub struct Running {
+    pub kind: Kind,
+    pub listen: SocketAddr,
+    /// When it was spawned, and how long until a connect succeeded.
+    pub spawned: Instant,
+    pub startup: Duration,
+    pub data_dir: Option<PathBuf>,
+    child: Option<Child>,
+    tail: Tail,
+}
+
+impl Running {
+    /// Starts `kind` in front of `targets` and waits until it accepts.
+    pub fn start(
+        kind: Kind,
+        setup: &Setup,
+        targets: &[SocketAddr],
+        store: bool,
+    ) -> Result<Running, String> {
+        if kind == Kind::Direct {
+            return Ok(Running {
+                kind,
+                listen: targets[0],
+                spawned: Instant::now(),
+                startup: Duration::ZERO,
+                data_dir: None,
+                child: None,
+                tail: Tail::default(),
+            });
+        }
+        let listen = free_port()?;
+        let mut data_dir = None;
+        let mut command = match kind {
+            Kind::ProxyChannel => {
+                let dir = setup.work_dir.join(format!("data-{}", listen.port()));
+                std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                let mut command = Command::new(&setup.proxy_channel);
+                for (name, _) in std::env::vars_os() {
+                    if name.to_string_lossy().starts_with("PROXY_") {
+                        command.env_remove(name);
+                    }
+                }
+                command
+                    .env("PROXY_LISTEN", listen.to_string())
+                    .env("PROXY_STORE", store.to_string())
+                    .env("PROXY_DATA_DIR", &dir)
+                    .env("PROXY_WORKERS", setup.threads.to_string())
+                    .env("PROXY_CONTROL_SOCKET", "off")
+                    .env("RUST_LOG", "info");
+                for (n, target) in targets.iter().enumerate() {
+                    command.env(format!("PROXY_TARGET{}", n + 1), target.to_string());
+                }
+                data_dir = Some(dir);
+                command
+            }
+            Kind::Haproxy => {
+                if targets.len() != 1 || store {
+                    return Err("haproxy runs only with one target and no store".into());
+                }
+                let config = haproxy_config(setup, listen, targets[0])?;
+                let mut command = Command::new(&setup.haproxy);
+                command.arg("-f").arg(config).arg("-db");
+                command
+            }
+            Kind::Direct => unreachable!("handled above"),
+        };
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: prctl is async-signal-safe; it asks the kernel to kill the
+        // child when loadgen's main thread (which spawns it) ends.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let spawned = Instant::now();
+        let mut child = command
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", kind.name()))?;
+        let tail = Tail::default();
+        let stderr = child.stderr.take().expect("piped");
+        let lines = tail.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut lines = lines.lock().expect("tail lock");
+                if lines.len() == 20 {
+                    lines.pop_front();
+                }
+                lines.push_back(line);
+            }
+        });
+        let mut running = Running {
+            kind,
+            listen,
+            spawned,
+            startup: Duration::ZERO,
+            data_dir,
+            child: Some(child),
+            tail,
+        };
+        loop {
+            if TcpStream::connect_timeout(&listen, Duration::from_millis(100)).is_ok() {
+                running.startup = spawned.elapsed();
+                return Ok(running);
+            }
+            running.check_alive()?;
+            if spawned.elapsed() > Duration::from_secs(10) {
+                return Err(running.failure("did not listen within 10 s"));
+            }
+            std::thread::sleep(Duration::from_micros(250));
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The proxy must still be running.
+    pub fn check_alive(&mut self) -> Result<(), String> {
+        let Some(child) = self.child.as_mut() else {
+            return Ok(());
+        };
+        match child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => Err(self.failure(&format!("exited unexpectedly ({status})"))),
+            Err(e) => Err(format!("cannot watch {}: {e}", self.kind.name())),
+        }
+    }
+
+    /// CPU-seconds the proxy has used (0 for direct).
+    pub fn cpu_seconds(&self) -> f64 {
+        self.pid()
+            .map_or(0.0, |pid| cpu_seconds(pid).unwrap_or(f64::NAN))
+    }
+
+    /// The proxy's proportional set size in KiB (0 for direct).
+    pub fn pss_kib(&self) -> f64 {
+        self.pid()
+            .map_or(0.0, |pid| pss_kib(pid).unwrap_or(f64::NAN))
+    }
+
+    /// SIGTERM, then wait. proxy-channel must exit 0 within 15 s; haproxy
+    /// is only waited for.
+    pub fn stop(mut self) -> Result<(), String> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        // SAFETY: signalling our own child, which has not been reaped.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let asked = Instant::now();
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    if self.kind == Kind::ProxyChannel && !status.success() {
+                        return Err(self.failure(&format!("exited with {status} after SIGTERM")));
+                    }
+                    return Ok(());
+                }
+                Ok(None) if asked.elapsed() < Duration::from_secs(15) => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Ok(None) => {
+                    // Killing and reaping a hung child; the error is the news.
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(self.failure("still running 15 s after SIGTERM"));
+                }
+                Err(e) => return Err(format!("cannot wait for {}: {e}", self.kind.name())),
+            }
+        }
+    }
+
+    /// A failure message with the proxy's last log lines.
+    pub fn failure(&self, what: &str) -> String {
+        let tail = self.tail.lock().expect("tail lock");
+        let log: Vec<&str> = tail.iter().map(String::as_str).collect();
+        format!(
+            "{} {what}; its last log lines: {}",
+            self.kind.name(),
+            log.join(" | ")
+        )
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            // Cleanup on an error path: nothing to report if it fails.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> Result<SocketAddr, String> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map_err(|e| format!("no free port: {e}"))
+}
+
+fn haproxy_config(
+    setup: &Setup,
+    listen: SocketAddr,
+    target: SocketAddr,
+) -> Result<PathBuf, String> {
+    let template = std::fs::read_to_string(&setup.haproxy_template)
+        .map_err(|e| format!("{}: {e}", setup.haproxy_template.display()))?;
+    let config = template
+        .replace("{{THREADS}}", &setup.threads.to_string())
+        .replace("{{LISTEN}}", &listen.to_string())
+        .replace("{{TARGET}}", &target.to_string());
+    let path = setup
+        .work_dir
+        .join(format!("haproxy-{}.cfg", listen.port()));
+    std::fs::write(&path, config).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(path)
+}
+
+/// utime + stime of a process, in seconds.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold
+    // spaces: state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / per_second)
+}
+
+/// Pss of a process in KiB.
+pub fn pss_kib(pid: u32) -> Option<f64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let line = rollup.lines().find(|line| line.starts_with("Pss:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// An executable's path, looked up on PATH if it has no slash.
+fn resolve(path: &Path) -> Option<PathBuf> {
+    if path.components().count() > 1 {
+        return Some(path.to_path_buf());
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(path))
+        .find(|candidate| candidate.is_file())
+}
+
+/// Size of an executable file.
+pub fn executable_size(path: &Path) -> Option<u64> {
+    Some(std::fs::metadata(resolve(path)?).ok()?.len())
+}
+
+/// Size of an executable once `strip` has removed its symbols and debug
+/// information (Debian ships haproxy stripped; cargo keeps line tables).
+pub fn stripped_size(path: &Path, work_dir: &Path) -> Option<u64> {
+    let out = work_dir.join("stripped");
+    let stripped = Command::new("strip")
+        .arg("-o")
+        .arg(&out)
+        .arg(resolve(path)?)
+        .stderr(Stdio::null())
+        .status()
+        .ok()?
+        .success();
+    let size = std::fs::metadata(&out)
+        .ok()
+        .filter(|_| stripped)
+        .map(|m| m.len());
+    // A leftover copy is removed with the work folder anyway.
+    let _ = std::fs::remove_file(&out);
+    size
+}

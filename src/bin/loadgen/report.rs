@@ -1,0 +1,382 @@
+//! The one table at the end: medians per figure for proxy-channel, haproxy
+//! and direct, the ratio proxy-channel / haproxy, and each goal met or not.
+//!
+//! Input is the JSON lines `loadgen run` printed, one per run. A figure's
+//! haproxy reference is normally the same case; where haproxy cannot run a
+//! case (three targets, the store) the goal names another case, e.g.
+//! haproxy's one-target goodput. Failed runs count for nothing but are
+//! listed under the table, and make the report exit non-zero.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+/// What a figure is judged against.
+#[derive(Clone, Copy)]
+enum Goal {
+    None,
+    /// proxy-channel / haproxy at least this.
+    RatioAtLeast(f64),
+    /// proxy-channel / haproxy at most this.
+    RatioAtMost(f64),
+    /// proxy-channel's own value at least this.
+    AtLeast(f64),
+    /// proxy-channel's own value at most this.
+    AtMost(f64),
+}
+
+struct Row {
+    label: &'static str,
+    case: &'static str,
+    metric: &'static str,
+    /// haproxy's figure to compare with, if not the same case and metric.
+    reference: Option<(&'static str, &'static str)>,
+    goal: Goal,
+}
+
+const fn row(label: &'static str, case: &'static str, metric: &'static str, goal: Goal) -> Row {
+    Row {
+        label,
+        case,
+        metric,
+        reference: None,
+        goal,
+    }
+}
+
+const fn vs(
+    label: &'static str,
+    case: &'static str,
+    metric: &'static str,
+    reference: (&'static str, &'static str),
+    goal: Goal,
+) -> Row {
+    Row {
+        label,
+        case,
+        metric,
+        reference: Some(reference),
+        goal,
+    }
+}
+
+const HA_1C: (&str, &str) = ("stream-1t-1c", "goodput_mbs");
+const HA_8C: (&str, &str) = ("stream-1t-8c", "goodput_mbs");
+const HA_1C_CPU: (&str, &str) = ("stream-1t-1c", "cpu_s_per_gib");
+const HA_8C_CPU: (&str, &str) = ("stream-1t-8c", "cpu_s_per_gib");
+
+const ROWS: &[Row] = &[
+    row(
+        "stream 1t 1c: goodput MB/s",
+        "stream-1t-1c",
+        "goodput_mbs",
+        Goal::RatioAtLeast(1.3),
+    ),
+    row(
+        "stream 1t 1c: proxy CPU s/GiB",
+        "stream-1t-1c",
+        "cpu_s_per_gib",
+        Goal::RatioAtMost(0.7),
+    ),
+    row(
+        "stream 1t 8c: goodput MB/s",
+        "stream-1t-8c",
+        "goodput_mbs",
+        Goal::RatioAtLeast(1.3),
+    ),
+    row(
+        "stream 1t 8c: proxy CPU s/GiB",
+        "stream-1t-8c",
+        "cpu_s_per_gib",
+        Goal::RatioAtMost(0.7),
+    ),
+    vs(
+        "stream 3t 1c: MB/s, slowest target",
+        "stream-3t-1c",
+        "goodput_min_mbs",
+        HA_1C,
+        Goal::RatioAtLeast(0.7),
+    ),
+    vs(
+        "stream 3t 1c: proxy CPU s/GiB",
+        "stream-3t-1c",
+        "cpu_s_per_gib",
+        HA_1C_CPU,
+        Goal::None,
+    ),
+    vs(
+        "stream 3t 8c: MB/s, slowest target",
+        "stream-3t-8c",
+        "goodput_min_mbs",
+        HA_8C,
+        Goal::RatioAtLeast(0.7),
+    ),
+    vs(
+        "stream 3t 8c: proxy CPU s/GiB",
+        "stream-3t-8c",
+        "cpu_s_per_gib",
+        HA_8C_CPU,
+        Goal::None,
+    ),
+    vs(
+        "store 3t 1c: MB/s, slowest target",
+        "store-3t-1c",
+        "goodput_min_mbs",
+        HA_1C,
+        Goal::RatioAtLeast(0.35),
+    ),
+    row(
+        "store 3t 1c: file MB/s",
+        "store-3t-1c",
+        "file_mbs",
+        Goal::None,
+    ),
+    row(
+        "store 3t 1c: file msgs/s",
+        "store-3t-1c",
+        "file_msgs_per_s",
+        Goal::None,
+    ),
+    vs(
+        "store 3t 8c: MB/s, slowest target",
+        "store-3t-8c",
+        "goodput_min_mbs",
+        HA_8C,
+        Goal::RatioAtLeast(0.35),
+    ),
+    row(
+        "store 3t 8c: file MB/s",
+        "store-3t-8c",
+        "file_mbs",
+        Goal::None,
+    ),
+    row(
+        "store 3t 8c: file msgs/s",
+        "store-3t-8c",
+        "file_msgs_per_s",
+        Goal::None,
+    ),
+    row(
+        "store 100-byte x100c: device msgs/s",
+        "store-100b",
+        "store_msgs_per_s",
+        Goal::AtLeast(500_000.0),
+    ),
+    row(
+        "store 100-byte x100c: bytes/msg",
+        "store-100b",
+        "bytes_per_msg",
+        Goal::None,
+    ),
+    row(
+        "store 100-byte x100c: packets/s sent",
+        "store-100b",
+        "packets_per_s",
+        Goal::None,
+    ),
+    row(
+        "store 100-byte x100c: file MB/s",
+        "store-100b",
+        "file_mbs",
+        Goal::None,
+    ),
+    row("req/reply 1c: req/s", "echo-1c", "req_per_s", Goal::None),
+    row("req/reply 1c: p50 us", "echo-1c", "p50_us", Goal::None),
+    row("req/reply 1c: p99 us", "echo-1c", "p99_us", Goal::None),
+    row(
+        "req/reply 1c: proxy CPU us/req",
+        "echo-1c",
+        "cpu_us_per_req",
+        Goal::None,
+    ),
+    row(
+        "req/reply 50c: req/s",
+        "echo-50c",
+        "req_per_s",
+        Goal::RatioAtLeast(1.2),
+    ),
+    row("req/reply 50c: p50 us", "echo-50c", "p50_us", Goal::None),
+    row(
+        "req/reply 50c: p99 us",
+        "echo-50c",
+        "p99_us",
+        Goal::RatioAtMost(1.0),
+    ),
+    row(
+        "req/reply 50c: proxy CPU us/req",
+        "echo-50c",
+        "cpu_us_per_req",
+        Goal::RatioAtMost(0.7),
+    ),
+    row("trackers: p50 us", "trackers", "p50_us", Goal::None),
+    row(
+        "trackers: p99 us",
+        "trackers",
+        "p99_us",
+        Goal::RatioAtMost(1.0),
+    ),
+    row("trackers: p999 us", "trackers", "p999_us", Goal::None),
+    row(
+        "trackers: PSS KiB/conn, sending",
+        "trackers",
+        "pss_kib_per_conn",
+        Goal::AtMost(2.0),
+    ),
+    row(
+        "trackers: PSS KiB/conn, idle",
+        "trackers",
+        "pss_idle_kib_per_conn",
+        Goal::None,
+    ),
+    row(
+        "trackers: PSS MiB before connects",
+        "trackers",
+        "pss_base_mib",
+        Goal::None,
+    ),
+    row(
+        "trackers: proxy CPU s",
+        "trackers",
+        "cpu_s",
+        Goal::RatioAtMost(0.7),
+    ),
+    row(
+        "trackers: seconds to connect all",
+        "trackers",
+        "connect_s",
+        Goal::None,
+    ),
+    row("startup: ms to accept", "startup", "startup_ms", Goal::None),
+    row(
+        "startup: ms to first byte forwarded",
+        "startup",
+        "first_byte_ms",
+        Goal::None,
+    ),
+    row("binary MiB (as built)", "startup", "binary_mib", Goal::None),
+    row(
+        "binary MiB (stripped)",
+        "startup",
+        "stripped_mib",
+        Goal::None,
+    ),
+];
+
+/// (case, proxy, metric) -> the values of every successful run.
+type Figures = BTreeMap<(String, String, String), Vec<f64>>;
+
+/// Prints the table; false if any run failed.
+pub fn print(text: &str) -> Result<bool, String> {
+    let mut figures = Figures::new();
+    let mut failures = Vec::new();
+    let mut runs: BTreeMap<String, usize> = BTreeMap::new();
+    for (number, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let run: Value =
+            serde_json::from_str(line).map_err(|e| format!("results line {}: {e}", number + 1))?;
+        let field = |name: &str| run[name].as_str().unwrap_or("?").to_string();
+        let (case, proxy) = (field("case"), field("proxy"));
+        if run["ok"] != Value::Bool(true) {
+            failures.push(format!(
+                "{case} {proxy} round {}: {}",
+                run["round"],
+                run["error"].as_str().unwrap_or("?")
+            ));
+            continue;
+        }
+        *runs.entry(proxy.clone()).or_default() += 1;
+        for (metric, value) in run["metrics"].as_object().into_iter().flatten() {
+            if let Some(value) = value.as_f64() {
+                let key = (case.clone(), proxy.clone(), metric.clone());
+                figures.entry(key).or_default().push(value);
+            }
+        }
+    }
+    let median = |case: &str, proxy: &str, metric: &str| {
+        let key = (case.to_string(), proxy.to_string(), metric.to_string());
+        figures.get(&key).map(|values| median(values))
+    };
+
+    println!(
+        "{:<38} {:>11} {:>11} {:>7} {:>11}  {:<10} met",
+        "figure (median)", "pc", "haproxy", "pc/ha", "direct", "goal"
+    );
+    println!("{}", "-".repeat(100));
+    for row in ROWS {
+        let pc = median(row.case, "pc", row.metric);
+        let (ref_case, ref_metric) = row.reference.unwrap_or((row.case, row.metric));
+        let ha = median(ref_case, "haproxy", ref_metric);
+        let direct = median(row.case, "direct", row.metric);
+        if pc.is_none() && ha.is_none() && direct.is_none() {
+            continue;
+        }
+        let ratio = pc.zip(ha).map(|(pc, ha)| pc / ha);
+        let (goal, met) = judge(row.goal, pc, ratio);
+        println!(
+            "{:<38} {:>11} {:>11} {:>7} {:>11}  {:<10} {}",
+            row.label,
+            show(pc),
+            show(ha),
+            ratio.map_or("-".into(), |r| format!("{r:.2}")),
+            show(direct),
+            goal,
+            met
+        );
+    }
+    println!("{}", "-".repeat(100));
+    let counts: Vec<String> = runs
+        .iter()
+        .map(|(proxy, n)| format!("{proxy} {n}"))
+        .collect();
+    println!(
+        "successful runs: {}; failed runs: {}",
+        counts.join(", "),
+        failures.len()
+    );
+    println!(
+        "haproxy column of \"3t\" and \"store 3t\" rows: haproxy's one-target figure (haproxy has no fan-out, no store)"
+    );
+    for failure in &failures {
+        println!("FAILED: {failure}");
+    }
+    Ok(failures.is_empty())
+}
+
+fn judge(goal: Goal, pc: Option<f64>, ratio: Option<f64>) -> (String, &'static str) {
+    let verdict = |value: Option<f64>, ok: &dyn Fn(f64) -> bool| match value {
+        None => "n/a",
+        Some(v) if ok(v) => "yes",
+        Some(_) => "NO",
+    };
+    match goal {
+        Goal::None => (String::new(), ""),
+        Goal::RatioAtLeast(x) => (format!(">= {x}x"), verdict(ratio, &|r| r >= x)),
+        Goal::RatioAtMost(x) => (format!("<= {x}x"), verdict(ratio, &|r| r <= x)),
+        Goal::AtLeast(x) => (format!(">= {}", show(Some(x))), verdict(pc, &|v| v >= x)),
+        Goal::AtMost(x) => (format!("<= {}", show(Some(x))), verdict(pc, &|v| v <= x)),
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    }
+}
+
+/// Three significant digits or so, without exponent.
+fn show(value: Option<f64>) -> String {
+    match value {
+        None => "-".into(),
+        Some(v) if v.abs() >= 100.0 => format!("{v:.0}"),
+        Some(v) if v.abs() >= 10.0 => format!("{v:.1}"),
+        Some(v) => format!("{v:.2}"),
+    }
+}

@@ -1,0 +1,510 @@
+//! The benchmark's cases and how one run of a case goes.
+//!
+//! A run starts its target servers, the proxy under test in front of them
+//! (or none, for direct), and the devices; lets the load warm up; takes a
+//! snapshot of target bytes, requests and proxy CPU; waits the measured
+//! window; takes another; then stops the devices, which close their
+//! sending side and wait for the proxy to close back. Only then are the
+//! targets' per-connection results compared with what the devices sent: a
+//! byte lost, doubled, reordered or corrupted fails the run, whatever the
+//! figures. Every figure is a [`Metric`]: a name and a value.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use crate::device::Devices;
+use crate::proxy::{self, Kind, Running, Setup};
+use crate::store;
+use crate::target::{Outcome, Target};
+use crate::trackers::Fleet;
+use crate::wire::{HEADER_LEN, Mode};
+
+pub type Metric = (&'static str, f64);
+
+/// What a case measures.
+#[derive(Clone, Copy, Debug)]
+pub enum What {
+    /// Time to accept and to forward a first byte; binary size.
+    Startup,
+    /// Streams as fast as possible.
+    Stream {
+        targets: usize,
+        conns: usize,
+        store: bool,
+    },
+    /// Store on: many devices sending 100-byte packets as fast as possible.
+    StoreSmall { conns: usize },
+    /// 100-byte request, 100-byte echo, one at a time per connection.
+    Echo { conns: usize },
+    /// Thousands of devices, one 100-byte packet per second each.
+    Trackers { devices: usize, secs: u32 },
+}
+
+pub struct Case {
+    pub name: &'static str,
+    pub proxies: &'static [Kind],
+    pub what: What,
+}
+
+const ALL: &[Kind] = &[Kind::ProxyChannel, Kind::Haproxy, Kind::Direct];
+const BOTH: &[Kind] = &[Kind::ProxyChannel, Kind::Haproxy];
+const PC: &[Kind] = &[Kind::ProxyChannel];
+
+pub const CASES: &[Case] = &[
+    Case {
+        name: "startup",
+        proxies: BOTH,
+        what: What::Startup,
+    },
+    Case {
+        name: "stream-1t-1c",
+        proxies: ALL,
+        what: What::Stream {
+            targets: 1,
+            conns: 1,
+            store: false,
+        },
+    },
+    Case {
+        name: "stream-1t-8c",
+        proxies: ALL,
+        what: What::Stream {
+            targets: 1,
+            conns: 8,
+            store: false,
+        },
+    },
+    Case {
+        name: "stream-3t-1c",
+        proxies: PC,
+        what: What::Stream {
+            targets: 3,
+            conns: 1,
+            store: false,
+        },
+    },
+    Case {
+        name: "stream-3t-8c",
+        proxies: PC,
+        what: What::Stream {
+            targets: 3,
+            conns: 8,
+            store: false,
+        },
+    },
+    Case {
+        name: "store-3t-1c",
+        proxies: PC,
+        what: What::Stream {
+            targets: 3,
+            conns: 1,
+            store: true,
+        },
+    },
+    Case {
+        name: "store-3t-8c",
+        proxies: PC,
+        what: What::Stream {
+            targets: 3,
+            conns: 8,
+            store: true,
+        },
+    },
+    Case {
+        name: "store-100b",
+        proxies: PC,
+        what: What::StoreSmall { conns: 100 },
+    },
+    Case {
+        name: "echo-1c",
+        proxies: ALL,
+        what: What::Echo { conns: 1 },
+    },
+    Case {
+        name: "echo-50c",
+        proxies: ALL,
+        what: What::Echo { conns: 50 },
+    },
+    Case {
+        name: "trackers",
+        proxies: ALL,
+        what: What::Trackers {
+            devices: 9000,
+            secs: 20,
+        },
+    },
+];
+
+pub fn find(name: &str) -> Option<&'static Case> {
+    CASES.iter().find(|case| case.name == name)
+}
+
+/// How long the load runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    pub warmup: Duration,
+    pub measure: Duration,
+    /// Trackers: devices and seconds, overriding the case's.
+    pub trackers: Option<(usize, u32)>,
+}
+
+impl Timing {
+    pub fn full() -> Timing {
+        Timing {
+            warmup: Duration::from_millis(1000),
+            measure: Duration::from_millis(2000),
+            trackers: None,
+        }
+    }
+
+    pub fn quick() -> Timing {
+        Timing {
+            warmup: Duration::from_millis(300),
+            measure: Duration::from_millis(700),
+            trackers: Some((3000, 5)),
+        }
+    }
+}
+
+pub fn run(case: &Case, kind: Kind, setup: &Setup, timing: Timing) -> Result<Vec<Metric>, String> {
+    if !case.proxies.contains(&kind) {
+        return Err(format!(
+            "case {} does not run with {}",
+            case.name,
+            kind.name()
+        ));
+    }
+    match case.what {
+        What::Startup => startup(kind, setup),
+        What::Stream {
+            targets,
+            conns,
+            store,
+        } => stream(kind, setup, timing, targets, conns, store),
+        What::StoreSmall { conns } => store_small(setup, timing, conns),
+        What::Echo { conns } => echo(kind, setup, timing, conns),
+        What::Trackers { devices, secs } => {
+            let (devices, secs) = timing.trackers.unwrap_or((devices, secs));
+            trackers(kind, setup, devices, secs)
+        }
+    }
+}
+
+fn start_targets(count: usize) -> Result<Vec<Target>, String> {
+    (0..count)
+        .map(|_| Target::start().map_err(|e| format!("target: {e}")))
+        .collect()
+}
+
+/// Stops the targets and checks that each got exactly what was sent.
+fn finish_targets(targets: Vec<Target>, sent: &HashMap<u64, u64>) -> Result<Vec<Outcome>, String> {
+    let outcomes: Vec<Outcome> = targets.into_iter().map(Target::finish).collect();
+    for (index, outcome) in outcomes.iter().enumerate() {
+        let target = index + 1;
+        if let Some(first) = outcome.failures.first() {
+            return Err(format!(
+                "target {target}: {first} ({} failures in all)",
+                outcome.failures.len()
+            ));
+        }
+        for (id, &bytes) in sent {
+            match outcome.conns.get(id) {
+                None => return Err(format!("target {target}: connection {id} never arrived")),
+                Some(got) if got.bytes != bytes => {
+                    return Err(format!(
+                        "target {target}: connection {id} delivered {} of the {bytes} bytes sent",
+                        got.bytes
+                    ));
+                }
+                Some(got) if !got.finished => {
+                    return Err(format!(
+                        "target {target}: connection {id} was not closed cleanly"
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        if outcome.conns.len() != sent.len() {
+            return Err(format!(
+                "target {target}: {} connections arrived, {} were sent",
+                outcome.conns.len(),
+                sent.len()
+            ));
+        }
+    }
+    Ok(outcomes)
+}
+
+/// Counters at one moment.
+struct Snapshot {
+    at: Instant,
+    cpu: f64,
+    bytes: Vec<u64>,
+}
+
+impl Snapshot {
+    fn take(proxy: &mut Running, targets: &[Target]) -> Result<Snapshot, String> {
+        proxy.check_alive()?;
+        Ok(Snapshot {
+            at: Instant::now(),
+            cpu: proxy.cpu_seconds(),
+            bytes: targets
+                .iter()
+                .map(|t| t.shared.bytes.load(Relaxed))
+                .collect(),
+        })
+    }
+}
+
+const MB: f64 = 1e6;
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+fn startup(kind: Kind, setup: &Setup) -> Result<Vec<Metric>, String> {
+    let targets = start_targets(1)?;
+    let proxy = Running::start(kind, setup, &[targets[0].addr], false)?;
+    let devices = Devices::start(Mode::Stream, proxy.listen, 1, 1)?;
+    while targets[0].shared.bytes.load(Relaxed) == 0 {
+        if proxy.spawned.elapsed() > Duration::from_secs(10) {
+            return Err(proxy.failure("forwarded nothing within 10 s"));
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    let first_byte = proxy.spawned.elapsed();
+    let startup = proxy.startup;
+    let outcome = devices.finish()?;
+    finish_targets(targets, &outcome.sent)?;
+    proxy.stop()?;
+    let binary = match kind {
+        Kind::Haproxy => &setup.haproxy,
+        _ => &setup.proxy_channel,
+    };
+    let mut metrics = vec![
+        ("startup_ms", startup.as_secs_f64() * 1e3),
+        ("first_byte_ms", first_byte.as_secs_f64() * 1e3),
+    ];
+    if let Some(size) = proxy::executable_size(binary) {
+        metrics.push(("binary_mib", size as f64 / 1048576.0));
+    }
+    if let Some(size) = proxy::stripped_size(binary, &setup.work_dir) {
+        metrics.push(("stripped_mib", size as f64 / 1048576.0));
+    }
+    Ok(metrics)
+}
+
+fn stream(
+    kind: Kind,
+    setup: &Setup,
+    timing: Timing,
+    target_count: usize,
+    conns: usize,
+    store: bool,
+) -> Result<Vec<Metric>, String> {
+    let targets = start_targets(target_count)?;
+    let addrs: Vec<_> = targets.iter().map(|t| t.addr).collect();
+    let mut proxy = Running::start(kind, setup, &addrs, store)?;
+    let started = Instant::now();
+    let devices = Devices::start(Mode::Stream, proxy.listen, conns, 1)?;
+    std::thread::sleep(timing.warmup);
+    let before = Snapshot::take(&mut proxy, &targets)?;
+    std::thread::sleep(timing.measure);
+    let after = Snapshot::take(&mut proxy, &targets)?;
+    let outcome = devices.finish()?;
+    let traffic = started.elapsed().as_secs_f64();
+    finish_targets(targets, &outcome.sent)?;
+    let data_dir = proxy.data_dir.clone();
+    proxy.stop()?;
+
+    let secs = after.at.duration_since(before.at).as_secs_f64();
+    let delivered: Vec<f64> = (0..target_count)
+        .map(|t| (after.bytes[t] - before.bytes[t]) as f64)
+        .collect();
+    if delivered.iter().any(|&bytes| bytes == 0.0) {
+        return Err("a target received nothing during the measured window: stalled".into());
+    }
+    let mean = delivered.iter().sum::<f64>() / target_count as f64;
+    let min = delivered.iter().cloned().fold(f64::INFINITY, f64::min);
+    let mut metrics = vec![
+        ("goodput_mbs", mean / secs / MB),
+        ("goodput_min_mbs", min / secs / MB),
+    ];
+    if kind != Kind::Direct {
+        metrics.push(("cpu_s_per_gib", (after.cpu - before.cpu) / (mean / GIB)));
+        metrics.push(("cpu_cores", (after.cpu - before.cpu) / secs));
+    }
+    if store {
+        let dir = data_dir.ok_or("store on needs proxy-channel")?;
+        let stored = store::scan(&dir)?;
+        let sent: u64 = outcome
+            .sent
+            .values()
+            .map(|bytes| bytes + HEADER_LEN as u64)
+            .sum();
+        if stored.device_payload != sent {
+            return Err(format!(
+                "the store holds {} device bytes, the devices sent {sent}",
+                stored.device_payload
+            ));
+        }
+        metrics.push(("file_mbs", stored.bytes as f64 / traffic / MB));
+        metrics.push(("file_msgs_per_s", stored.lines as f64 / traffic));
+        remove_dir(&dir);
+    }
+    Ok(metrics)
+}
+
+fn store_small(setup: &Setup, timing: Timing, conns: usize) -> Result<Vec<Metric>, String> {
+    let targets = start_targets(1)?;
+    let mut proxy = Running::start(Kind::ProxyChannel, setup, &[targets[0].addr], true)?;
+    let started = Instant::now();
+    let devices = Devices::start(Mode::Flood, proxy.listen, conns, 1)?;
+    std::thread::sleep(timing.warmup + timing.measure);
+    proxy.check_alive()?;
+    let outcome = devices.finish()?;
+    let traffic = started.elapsed().as_secs_f64();
+    finish_targets(targets, &outcome.sent)?;
+    let dir = proxy.data_dir.clone().ok_or("no data folder")?;
+    proxy.stop()?;
+    let stored = store::scan(&dir)?;
+    remove_dir(&dir);
+    let sent: u64 = outcome
+        .sent
+        .values()
+        .map(|bytes| bytes + HEADER_LEN as u64)
+        .sum();
+    if stored.device_payload != sent {
+        return Err(format!(
+            "the store holds {} device bytes, the devices sent {sent}",
+            stored.device_payload
+        ));
+    }
+    let messages = stored.device_messages as f64;
+    Ok(vec![
+        ("store_msgs_per_s", messages / traffic),
+        ("bytes_per_msg", stored.device_payload as f64 / messages),
+        ("packets_per_s", (sent as f64 / 100.0) / traffic),
+        ("file_mbs", stored.bytes as f64 / traffic / MB),
+    ])
+}
+
+fn echo(kind: Kind, setup: &Setup, timing: Timing, conns: usize) -> Result<Vec<Metric>, String> {
+    let targets = start_targets(1)?;
+    let mut proxy = Running::start(kind, setup, &[targets[0].addr], false)?;
+    let devices = Devices::start(Mode::Echo, proxy.listen, conns, 1)?;
+    std::thread::sleep(timing.warmup);
+    devices.shared.measuring.store(true, Relaxed);
+    let before = Snapshot::take(&mut proxy, &targets)?;
+    let requests_before = devices.shared.requests.load(Relaxed);
+    std::thread::sleep(timing.measure);
+    let requests = devices.shared.requests.load(Relaxed) - requests_before;
+    let after = Snapshot::take(&mut proxy, &targets)?;
+    devices.shared.measuring.store(false, Relaxed);
+    let outcome = devices.finish()?;
+    finish_targets(targets, &outcome.sent)?;
+    proxy.stop()?;
+    if requests == 0 {
+        return Err("no request completed during the measured window: stalled".into());
+    }
+    let secs = after.at.duration_since(before.at).as_secs_f64();
+    let mut metrics = vec![("req_per_s", requests as f64 / secs)];
+    metrics.extend(quantiles(
+        &outcome.latency,
+        &[("p50_us", 0.5), ("p99_us", 0.99)],
+    ));
+    if kind != Kind::Direct {
+        metrics.push((
+            "cpu_us_per_req",
+            (after.cpu - before.cpu) * 1e6 / requests as f64,
+        ));
+    }
+    Ok(metrics)
+}
+
+fn trackers(kind: Kind, setup: &Setup, count: usize, secs: u32) -> Result<Vec<Metric>, String> {
+    let targets = start_targets(1)?;
+    let mut proxy = Running::start(kind, setup, &[targets[0].addr], false)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let pss_before = proxy.pss_kib();
+    let connecting = Instant::now();
+    let shared = targets[0].shared.clone();
+    let mut fleet = Fleet::connect(
+        proxy.listen,
+        count,
+        &shared.identified,
+        Duration::from_secs(60),
+    )?;
+    let connect_secs = connecting.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(500));
+    proxy.check_alive()?;
+    let pss_idle = proxy.pss_kib();
+    let sampler = PssSampler::start(proxy.pid());
+    let cpu_before = proxy.cpu_seconds();
+    fleet.send(secs)?;
+    let cpu = proxy.cpu_seconds() - cpu_before;
+    let pss_max = sampler.finish().max(proxy.pss_kib());
+    proxy.check_alive()?;
+    let sent = fleet.close(&shared.finished, Duration::from_secs(30))?;
+    let outcomes = finish_targets(targets, &sent)?;
+    proxy.stop()?;
+    let latency = &outcomes[0].latency;
+    let mut metrics = quantiles(
+        latency,
+        &[("p50_us", 0.5), ("p99_us", 0.99), ("p999_us", 0.999)],
+    );
+    metrics.push(("connect_s", connect_secs));
+    if kind != Kind::Direct {
+        let per_conn = |pss: f64| (pss - pss_before) / count as f64;
+        metrics.push(("pss_kib_per_conn", per_conn(pss_max)));
+        metrics.push(("pss_idle_kib_per_conn", per_conn(pss_idle)));
+        metrics.push(("pss_base_mib", pss_before / 1024.0));
+        metrics.push(("cpu_s", cpu));
+        metrics.push((
+            "cpu_us_per_packet",
+            cpu * 1e6 / (count as f64 * secs as f64),
+        ));
+    }
+    Ok(metrics)
+}
+
+fn quantiles(histogram: &Histogram<u64>, wanted: &[(&'static str, f64)]) -> Vec<Metric> {
+    wanted
+        .iter()
+        .map(|&(name, q)| (name, histogram.value_at_quantile(q) as f64 / 1e3))
+        .collect()
+}
+
+fn remove_dir(dir: &std::path::Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        eprintln!("loadgen: cannot remove {}: {e}", dir.display());
+    }
+}
+
+/// Samples a process's PSS every 500 ms on its own thread; keeps the peak.
+struct PssSampler {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<f64>,
+}
+
+impl PssSampler {
+    fn start(pid: Option<u32>) -> PssSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak: f64 = 0.0;
+            while let Some(pid) = pid.filter(|_| !flag.load(Relaxed)) {
+                peak = peak.max(proxy::pss_kib(pid).unwrap_or(0.0));
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            peak
+        });
+        PssSampler { stop, thread }
+    }
+
+    fn finish(self) -> f64 {
+        self.stop.store(true, Relaxed);
+        self.thread.join().expect("sampler panicked")
+    }
+}

@@ -1,0 +1,133 @@
+//! A fleet of tracker devices: thousands of connections, each sending one
+//! timestamped packet per second.
+//!
+//! Connecting is paced by what the target has seen: at most
+//! [`IN_FLIGHT`] devices may be connected but not yet identified at the
+//! target, so neither proxy's accept backlog overflows (a dropped SYN would
+//! cost a one-second retransmit, not a measure of the proxy). Sending
+//! spreads the devices evenly over each second; each packet carries its send
+//! time and the target records the latency. A socket that cannot take 100
+//! bytes means the proxy stopped reading: that fails the run.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use crate::wire::{self, Mode, PACKET_LEN};
+
+/// Devices connected but not yet seen by the target.
+const IN_FLIGHT: usize = 64;
+
+pub struct Fleet {
+    devices: Vec<TcpStream>,
+    /// Packets each device has sent.
+    packets: u64,
+}
+
+impl Fleet {
+    /// Connects `count` devices (ids 1..=count); each sends its header at
+    /// once. Returns when the target has seen all of them.
+    pub fn connect(
+        addr: SocketAddr,
+        count: usize,
+        identified: &AtomicUsize,
+        deadline: Duration,
+    ) -> Result<Fleet, String> {
+        let started = Instant::now();
+        let late = || format!("connecting {count} trackers took over {deadline:?}");
+        let mut devices = Vec::with_capacity(count);
+        for index in 0..count {
+            while index >= identified.load(Relaxed) + IN_FLIGHT {
+                if started.elapsed() > deadline {
+                    return Err(late());
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            let id = index as u64 + 1;
+            let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                .map_err(|e| format!("tracker {id}: connect: {e}"))?;
+            stream
+                .set_nodelay(true)
+                .and_then(|()| stream.write_all(&wire::header(Mode::Tracker, id)))
+                .and_then(|()| stream.set_nonblocking(true))
+                .map_err(|e| format!("tracker {id}: {e}"))?;
+            devices.push(stream);
+        }
+        while identified.load(Relaxed) < count {
+            if started.elapsed() > deadline {
+                return Err(late());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(Fleet {
+            devices,
+            packets: 0,
+        })
+    }
+
+    /// Sends one packet per device per second for `secs` seconds, device i
+    /// at i/count of each second.
+    pub fn send(&mut self, secs: u32) -> Result<(), String> {
+        let count = self.devices.len() as u64;
+        let start = Instant::now();
+        for second in 0..secs as u64 {
+            for (index, device) in self.devices.iter_mut().enumerate() {
+                let due = Duration::from_nanos(
+                    second * 1_000_000_000 + index as u64 * 1_000_000_000 / count,
+                );
+                let now = start.elapsed();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                let id = index as u64 + 1;
+                let packet = wire::packet(id, self.packets, wire::now_ns());
+                match device.write(&packet) {
+                    Ok(PACKET_LEN) => {}
+                    Ok(_) => {
+                        return Err(format!(
+                            "tracker {id}: socket full (the proxy is not reading)"
+                        ));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Err(format!(
+                            "tracker {id}: socket full (the proxy is not reading)"
+                        ));
+                    }
+                    Err(e) => return Err(format!("tracker {id}: write: {e}")),
+                }
+            }
+            self.packets += 1;
+        }
+        Ok(())
+    }
+
+    /// Closes every device's sending side, waits until the target saw all
+    /// of them close, and returns the bytes each sent after its header.
+    pub fn close(
+        self,
+        finished: &AtomicUsize,
+        deadline: Duration,
+    ) -> Result<HashMap<u64, u64>, String> {
+        for device in &self.devices {
+            // A device the proxy already closed fails the count check below.
+            let _ = device.shutdown(Shutdown::Write);
+        }
+        let started = Instant::now();
+        while finished.load(Relaxed) < self.devices.len() {
+            if started.elapsed() > deadline {
+                return Err(format!(
+                    "{} of {} tracker connections still open at the target {deadline:?} after the devices closed",
+                    self.devices.len() - finished.load(Relaxed),
+                    self.devices.len()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let bytes = self.packets * PACKET_LEN as u64;
+        Ok((1..=self.devices.len() as u64)
+            .map(|id| (id, bytes))
+            .collect())
+    }
+}
