@@ -20,12 +20,17 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
-use crate::config::{Config, MAX_TARGETS};
+use crate::config::{AcceptProxyProtocol, Config, MAX_TARGETS, SendProxyProtocol};
 use crate::journal::{Closed, Journal};
 use crate::message::{DEVICE, Origin};
+use crate::proxy_header;
 use crate::reason::{self, Reason};
 use crate::socket::{Endpoint, ReadOutcome};
 use crate::stats::{self, Counters};
+
+mod header;
+
+use header::HeaderWait;
 
 /// Rounds of reads and writes for one connection per wake-up, so that one
 /// busy device cannot starve the others on its worker.
@@ -39,6 +44,7 @@ pub struct TargetSpec {
     pub label: String,
     pub mandatory: bool,
     pub replies: bool,
+    pub send_proxy: SendProxyProtocol,
     /// For a target given by host name: set on each connect, so that the
     /// resolver knows the name is in use and looks it up again.
     pub used: Option<Arc<AtomicBool>>,
@@ -54,6 +60,10 @@ pub struct Settings {
     pub resume_space: usize,
     pub idle_timeout: Option<Duration>,
     pub connect_timeout: Duration,
+    /// Whether device connections start with a PROXY protocol header.
+    pub accept_proxy: AcceptProxyProtocol,
+    /// Whether any target is sent a PROXY protocol header.
+    pub sends_proxy_header: bool,
 }
 
 impl Settings {
@@ -65,6 +75,7 @@ impl Settings {
                 label: target.address.to_string(),
                 mandatory: target.mandatory,
                 replies: target.replies,
+                send_proxy: target.send_proxy,
                 used: match target.address.literal() {
                     Some(_) => None,
                     None => Some(Arc::new(AtomicBool::new(false))),
@@ -77,6 +88,11 @@ impl Settings {
             resume_space: read_buffer.min(config.target_buffer / 4).max(1),
             idle_timeout: config.idle_timeout,
             connect_timeout: config.connect_timeout,
+            accept_proxy: config.accept_proxy_protocol,
+            sends_proxy_header: config
+                .targets
+                .iter()
+                .any(|t| t.send_proxy != SendProxyProtocol::Off),
         }
     }
 }
@@ -175,8 +191,12 @@ struct Ending {
 pub struct Connection {
     slot: usize,
     origin: Origin,
+    /// The address the device connected to, for PROXY headers to targets.
+    local: Option<SocketAddr>,
     device: Endpoint,
     targets: [Option<Link>; MAX_TARGETS],
+    /// While the device's PROXY protocol header is awaited.
+    header: Option<HeaderWait>,
     opened_at: Instant,
     last_activity: Instant,
     ending: Option<Ending>,
@@ -193,7 +213,6 @@ impl Connection {
         origin: Origin,
         ctx: &mut Context<'_>,
     ) -> Connection {
-        ctx.journal.connected(origin, DEVICE, None);
         let registered = stream.set_nodelay(true).and_then(|()| {
             ctx.registry.register(
                 &mut stream,
@@ -201,11 +220,17 @@ impl Connection {
                 Interest::READABLE | Interest::WRITABLE,
             )
         });
+        let local = match ctx.settings.sends_proxy_header {
+            true => stream.local_addr().ok(),
+            false => None,
+        };
         let mut connection = Connection {
             slot,
             origin,
+            local,
             device: Endpoint::new(stream, true),
             targets: Default::default(),
+            header: None,
             opened_at: ctx.now,
             last_activity: ctx.now,
             ending: None,
@@ -213,16 +238,27 @@ impl Connection {
         };
         if let Err(e) = registered {
             log::warn!("{}: cannot watch the device socket: {e}", origin.ident);
+            ctx.journal.connected(origin, DEVICE, None);
             connection.end(reason::describe(&e), reason::DEVICE_FAILED.into(), false);
             return connection;
         }
-        for spec in ctx.settings.targets.iter().flatten() {
-            if connection.ending.is_some() {
-                break;
-            }
-            connection.connect_target(spec, ctx);
+        match ctx.settings.accept_proxy {
+            AcceptProxyProtocol::Off => connection.start(ctx),
+            _ => connection.header = Some(HeaderWait::new(ctx.now)),
         }
         connection
+    }
+
+    /// The device is known (its PROXY header read, if one was due): its
+    /// event 1, then a connect to every target at once.
+    fn start(&mut self, ctx: &mut Context<'_>) {
+        ctx.journal.connected(self.origin, DEVICE, None);
+        for spec in ctx.settings.targets.iter().flatten() {
+            if self.ending.is_some() {
+                break;
+            }
+            self.connect_target(spec, ctx);
+        }
     }
 
     pub fn origin(&self) -> Origin {
@@ -295,6 +331,7 @@ impl Connection {
     /// Enforces the connect and idle timeouts; returns whether the
     /// connection now needs driving (it is ending).
     pub fn check_timers(&mut self, ctx: &mut Context<'_>) -> bool {
+        self.check_header_timeout(ctx);
         for index in 0..MAX_TARGETS {
             let expired = self.targets[index]
                 .as_ref()
@@ -334,6 +371,9 @@ impl Connection {
 
     /// One round: each side is read or written at most once.
     fn step(&mut self, ctx: &mut Context<'_>, buffer: &mut [u8]) -> bool {
+        if self.header.is_some() {
+            return self.read_header(ctx, buffer);
+        }
         let mut moved = self.finish_connects(ctx);
         moved |= self.flush_targets(ctx);
         moved |= self.read_device(ctx, buffer);
@@ -362,8 +402,15 @@ impl Connection {
         });
         match connected {
             Ok(stream) => {
+                let mut endpoint = Endpoint::new(stream, false);
+                if spec.send_proxy != SendProxyProtocol::Off {
+                    let local = self.local.unwrap_or(self.origin.peer);
+                    let header = proxy_header::build(spec.send_proxy, self.origin.peer, local);
+                    // Queued (the socket is still connecting), so it cannot fail.
+                    let _ = endpoint.send(&header);
+                }
                 self.targets[index] = Some(Link {
-                    endpoint: Endpoint::new(stream, false),
+                    endpoint,
                     connecting_since: Some(ctx.now),
                 });
             }

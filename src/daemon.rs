@@ -21,7 +21,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::acceptor::{Acceptor, AcceptorSetup};
-use crate::config::{AcceptProxyProtocol, Config, MAX_TARGETS, SendProxyProtocol};
+use crate::config::{Config, MAX_TARGETS};
 use crate::connection::Settings;
 use crate::control::{self, Control, ControlSetup};
 use crate::journal::{Journal, JournalSettings, StoreCommand};
@@ -44,8 +44,6 @@ pub enum StartError {
         address: SocketAddr,
         source: io::Error,
     },
-    #[error("{0}")]
-    Unsupported(String),
     #[error("cannot use the control socket {path}: {source}")]
     Control { path: PathBuf, source: io::Error },
     #[error("cannot start: {0}")]
@@ -56,7 +54,7 @@ impl StartError {
     /// 2 for what the user must fix in the configuration, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            StartError::Store(_) | StartError::Unsupported(_) => 2,
+            StartError::Store(_) => 2,
             StartError::Listen { .. } | StartError::Control { .. } | StartError::Io(_) => 1,
         }
     }
@@ -64,7 +62,6 @@ impl StartError {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(config: Config) -> Result<(), StartError> {
-    refuse_unbuilt_features(&config)?;
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     let mut registry = Registry::default();
     let store = Store::open(StoreSettings::new(&config), Arc::clone(&registry.writer))?;
@@ -164,28 +161,6 @@ pub fn run(config: Config) -> Result<(), StartError> {
     drop(store_sender);
     join("writer", writer);
     info!("stopped");
-    Ok(())
-}
-
-/// Settings that parse but whose feature is not built yet stop the daemon
-/// rather than being silently ignored.
-fn refuse_unbuilt_features(config: &Config) -> Result<(), StartError> {
-    if config.accept_proxy_protocol != AcceptProxyProtocol::Off {
-        return Err(StartError::Unsupported(
-            "PROXY_ACCEPT_PROXY_PROTOCOL: expected off (PROXY protocol input is not built yet)"
-                .into(),
-        ));
-    }
-    if let Some(target) = config
-        .targets
-        .iter()
-        .find(|t| t.send_proxy != SendProxyProtocol::Off)
-    {
-        return Err(StartError::Unsupported(format!(
-            "PROXY_TARGET{}_SEND_PROXY: expected off (PROXY protocol output is not built yet)",
-            target.number
-        )));
-    }
     Ok(())
 }
 

@@ -39,6 +39,7 @@ pub mod journal;
 pub mod limits;
 pub mod message;
 pub mod metrics;
+pub mod proxy_header;
 pub mod reader;
 pub mod reason;
 pub mod replay;

@@ -1,0 +1,127 @@
+//! The first phase of a device connection behind a load balancer: reading
+//! its PROXY protocol header (PROXY_ACCEPT_PROXY_PROTOCOL).
+//!
+//! Nothing is written and no target is connected until the header is read:
+//! the device's event 1 must carry the address the header gives. The header
+//! bytes are never forwarded, stored, or counted as received from the
+//! device; bytes after it in the same read are the device's first packet.
+//! A bad, oversized, cut or late header ends the connection with reason
+//! `bad proxy protocol header: ...` (after its event 1, with the socket's
+//! own peer).
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use super::{Connection, Context};
+use crate::message::DEVICE;
+use crate::proxy_header::{self, MAX_HEADER, Parsed};
+use crate::reason::{self, Reason};
+use crate::socket::ReadOutcome;
+use crate::units::format_duration;
+
+/// The header bytes read so far.
+pub struct HeaderWait {
+    bytes: Vec<u8>,
+    since: Instant,
+}
+
+impl HeaderWait {
+    pub fn new(now: Instant) -> HeaderWait {
+        HeaderWait {
+            bytes: Vec::new(),
+            since: now,
+        }
+    }
+}
+
+impl Connection {
+    /// Reads towards the header; true when something happened.
+    pub(super) fn read_header(&mut self, ctx: &mut Context<'_>, buffer: &mut [u8]) -> bool {
+        let Some(wait) = &mut self.header else {
+            return false;
+        };
+        if !self.device.readable {
+            return false;
+        }
+        let room = MAX_HEADER.saturating_sub(wait.bytes.len()).max(1);
+        match self.device.read(&mut buffer[..room]) {
+            ReadOutcome::Data(n) => {
+                wait.bytes.extend_from_slice(&buffer[..n]);
+                match proxy_header::parse(&wait.bytes, ctx.settings.accept_proxy) {
+                    Parsed::Incomplete if wait.bytes.len() >= MAX_HEADER => {
+                        self.header_failed(format!("longer than {MAX_HEADER} bytes"), ctx);
+                    }
+                    Parsed::Incomplete => {}
+                    Parsed::Invalid(why) => self.header_failed(why, ctx),
+                    Parsed::Header {
+                        length,
+                        source,
+                        destination,
+                    } => self.header_read(length, source, destination, ctx),
+                }
+                true
+            }
+            ReadOutcome::WouldBlock => false,
+            ReadOutcome::Closed => {
+                self.header_failed("the connection closed before it".into(), ctx);
+                true
+            }
+            ReadOutcome::Failed(e) => {
+                self.header_failed(reason::describe(&e).into_owned(), ctx);
+                true
+            }
+        }
+    }
+
+    /// Ends a connection whose header did not arrive in time.
+    pub(super) fn check_header_timeout(&mut self, ctx: &mut Context<'_>) {
+        let late = self
+            .header
+            .as_ref()
+            .is_some_and(|wait| ctx.now >= wait.since + ctx.settings.connect_timeout);
+        if late {
+            let limit = format_duration(ctx.settings.connect_timeout);
+            self.header_failed(format!("none within {limit}"), ctx);
+        }
+    }
+
+    fn header_read(
+        &mut self,
+        length: usize,
+        source: Option<SocketAddr>,
+        destination: Option<SocketAddr>,
+        ctx: &mut Context<'_>,
+    ) {
+        let Some(wait) = self.header.take() else {
+            return;
+        };
+        if let Some(source) = source {
+            self.origin.peer = SocketAddr::new(source.ip().to_canonical(), source.port());
+        }
+        if destination.is_some() && ctx.settings.sends_proxy_header {
+            self.local = destination;
+        }
+        // The header is the balancer's, not the device's.
+        self.device.received = self.device.received.saturating_sub(length as u64);
+        self.start(ctx);
+        let rest = &wait.bytes[length..];
+        if !rest.is_empty() && self.ending.is_none() {
+            self.last_activity = ctx.now;
+            ctx.received(0, rest.len());
+            ctx.journal.data(self.origin, DEVICE, None, rest);
+            self.forward_to_targets(rest, ctx);
+        }
+    }
+
+    fn header_failed(&mut self, why: String, ctx: &mut Context<'_>) {
+        self.header = None;
+        log::debug!(
+            "{}: bad proxy protocol header from {}: {why}",
+            self.origin.ident,
+            self.origin.peer
+        );
+        ctx.journal.connected(self.origin, DEVICE, None);
+        let why: Reason = format!("bad proxy protocol header: {why}").into();
+        self.end(why.clone(), why, false);
+    }
+}
