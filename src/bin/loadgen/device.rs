@@ -55,17 +55,19 @@ pub struct Devices {
 }
 
 impl Devices {
-    /// Connects `count` devices with ids `first_id..` and starts sending.
+    /// Connects `count` devices (ids 1..=count) and starts sending. `pace`
+    /// (flood only) limits each device to that many packets per second, all
+    /// devices in step; otherwise they send as fast as they can.
     pub fn start(
         mode: Mode,
         addr: SocketAddr,
         count: usize,
-        first_id: u64,
+        pace: Option<f64>,
     ) -> Result<Devices, String> {
         let poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
         let mut devs = Vec::with_capacity(count);
         for slot in 0..count {
-            let id = first_id + slot as u64;
+            let id = slot as u64 + 1;
             let stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
                 .and_then(|s| s.set_nodelay(true).and(s.set_nonblocking(true)).map(|()| s))
                 .map_err(|e| format!("device {id}: connect to {addr}: {e}"))?;
@@ -84,6 +86,7 @@ impl Devices {
             poll,
             devs,
             mode,
+            pace,
             shared: shared.clone(),
             latency: Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("bounds"),
         };
@@ -187,8 +190,9 @@ impl Dev {
         self.pending = PACKET_LEN;
     }
 
-    /// One turn of writing; true if the device could write more right now.
-    fn write_turn(&mut self, mode: Mode) -> Result<bool, String> {
+    /// One turn of writing, sending packets up to number `allowed`; true if
+    /// the device could write more right now.
+    fn write_turn(&mut self, mode: Mode, allowed: u64) -> Result<bool, String> {
         if !self.write_header(mode)? {
             return Ok(false);
         }
@@ -212,6 +216,9 @@ impl Dev {
             Mode::Flood => {
                 for _ in 0..FLOOD_BUDGET {
                     if self.pending == 0 {
+                        if self.seq >= allowed {
+                            return Ok(false);
+                        }
                         self.next_packet();
                     }
                     if !self.write_pending()? {
@@ -312,6 +319,8 @@ struct Run {
     poll: Poll,
     devs: Vec<Dev>,
     mode: Mode,
+    /// Packets per second per device, if paced.
+    pace: Option<f64>,
     shared: Arc<DevShared>,
     latency: Histogram<u64>,
 }
@@ -319,14 +328,10 @@ struct Run {
 impl Run {
     fn run(&mut self) -> Result<DevOutcome, String> {
         let mut events = Events::with_capacity(1024);
-        let mut more = false;
+        let mut timeout = Duration::ZERO;
+        let started = Instant::now();
         let mut stopped_at: Option<Instant> = None;
         loop {
-            let timeout = if more {
-                Duration::ZERO
-            } else {
-                Duration::from_millis(10)
-            };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     return Err(format!("device poll: {e}"));
@@ -345,7 +350,11 @@ impl Run {
             if stopping && stopped_at.is_none() {
                 stopped_at = Some(Instant::now());
             }
-            more = false;
+            let elapsed = started.elapsed().as_secs_f64();
+            let allowed = self
+                .pace
+                .map_or(u64::MAX, |rate| (rate * elapsed) as u64 + 1);
+            let mut more = false;
             for dev in &mut self.devs {
                 if dev.write_closed {
                     continue;
@@ -362,12 +371,28 @@ impl Run {
                         dev.write_closed = true;
                     }
                 } else if dev.writable {
-                    more |= dev.write_turn(self.mode)?;
+                    more |= dev.write_turn(self.mode, allowed)?;
                 }
             }
             if self.devs.iter().all(|dev| dev.eof) {
                 break;
             }
+            timeout = match self.pace {
+                _ if more => Duration::ZERO,
+                Some(rate) if !stopping => {
+                    // Until the next packet is due. mio's poll rounds up to
+                    // whole milliseconds, so the last stretch is a sleep.
+                    let due = Duration::from_secs_f64(allowed as f64 / rate);
+                    let wait = due.saturating_sub(started.elapsed());
+                    if wait < Duration::from_millis(2) {
+                        std::thread::sleep(wait);
+                        Duration::ZERO
+                    } else {
+                        wait - Duration::from_millis(1)
+                    }
+                }
+                _ => Duration::from_millis(10),
+            };
             if let Some(at) = stopped_at {
                 if at.elapsed() > CLOSE_DEADLINE {
                     let open = self.devs.iter().filter(|dev| !dev.eof).count();

@@ -36,8 +36,9 @@ pub enum What {
         conns: usize,
         store: bool,
     },
-    /// Store on: many devices sending 100-byte packets as fast as possible.
-    StoreSmall { conns: usize },
+    /// Store on: devices sending 100-byte packets, one per write, in total
+    /// `rate` per second (all devices in step) or as fast as they can.
+    StoreSmall { conns: usize, rate: Option<f64> },
     /// 100-byte request, 100-byte echo, one at a time per connection.
     Echo { conns: usize },
     /// Thousands of devices, one 100-byte packet per second each.
@@ -54,89 +55,29 @@ const ALL: &[Kind] = &[Kind::ProxyChannel, Kind::Haproxy, Kind::Direct];
 const BOTH: &[Kind] = &[Kind::ProxyChannel, Kind::Haproxy];
 const PC: &[Kind] = &[Kind::ProxyChannel];
 
+const fn streams(targets: usize, conns: usize, store: bool) -> What {
+    What::Stream {
+        targets,
+        conns,
+        store,
+    }
+}
+
+/// Every case, in the order bench.sh runs them within a round.
+#[rustfmt::skip]
 pub const CASES: &[Case] = &[
-    Case {
-        name: "startup",
-        proxies: BOTH,
-        what: What::Startup,
-    },
-    Case {
-        name: "stream-1t-1c",
-        proxies: ALL,
-        what: What::Stream {
-            targets: 1,
-            conns: 1,
-            store: false,
-        },
-    },
-    Case {
-        name: "stream-1t-8c",
-        proxies: ALL,
-        what: What::Stream {
-            targets: 1,
-            conns: 8,
-            store: false,
-        },
-    },
-    Case {
-        name: "stream-3t-1c",
-        proxies: PC,
-        what: What::Stream {
-            targets: 3,
-            conns: 1,
-            store: false,
-        },
-    },
-    Case {
-        name: "stream-3t-8c",
-        proxies: PC,
-        what: What::Stream {
-            targets: 3,
-            conns: 8,
-            store: false,
-        },
-    },
-    Case {
-        name: "store-3t-1c",
-        proxies: PC,
-        what: What::Stream {
-            targets: 3,
-            conns: 1,
-            store: true,
-        },
-    },
-    Case {
-        name: "store-3t-8c",
-        proxies: PC,
-        what: What::Stream {
-            targets: 3,
-            conns: 8,
-            store: true,
-        },
-    },
-    Case {
-        name: "store-100b",
-        proxies: PC,
-        what: What::StoreSmall { conns: 100 },
-    },
-    Case {
-        name: "echo-1c",
-        proxies: ALL,
-        what: What::Echo { conns: 1 },
-    },
-    Case {
-        name: "echo-50c",
-        proxies: ALL,
-        what: What::Echo { conns: 50 },
-    },
-    Case {
-        name: "trackers",
-        proxies: ALL,
-        what: What::Trackers {
-            devices: 9000,
-            secs: 20,
-        },
-    },
+    Case { name: "startup", proxies: BOTH, what: What::Startup },
+    Case { name: "stream-1t-1c", proxies: ALL, what: streams(1, 1, false) },
+    Case { name: "stream-1t-8c", proxies: ALL, what: streams(1, 8, false) },
+    Case { name: "stream-3t-1c", proxies: PC, what: streams(3, 1, false) },
+    Case { name: "stream-3t-8c", proxies: PC, what: streams(3, 8, false) },
+    Case { name: "store-3t-1c", proxies: PC, what: streams(3, 1, true) },
+    Case { name: "store-3t-8c", proxies: PC, what: streams(3, 8, true) },
+    Case { name: "store-100b", proxies: PC, what: What::StoreSmall { conns: 1000, rate: Some(500_000.0) } },
+    Case { name: "store-100b-max", proxies: PC, what: What::StoreSmall { conns: 100, rate: None } },
+    Case { name: "echo-1c", proxies: ALL, what: What::Echo { conns: 1 } },
+    Case { name: "echo-50c", proxies: ALL, what: What::Echo { conns: 50 } },
+    Case { name: "trackers", proxies: ALL, what: What::Trackers { devices: 9000, secs: 20 } },
 ];
 
 pub fn find(name: &str) -> Option<&'static Case> {
@@ -155,8 +96,8 @@ pub struct Timing {
 impl Timing {
     pub fn full() -> Timing {
         Timing {
-            warmup: Duration::from_millis(1000),
-            measure: Duration::from_millis(2000),
+            warmup: Duration::from_millis(500),
+            measure: Duration::from_millis(1500),
             trackers: None,
         }
     }
@@ -185,7 +126,7 @@ pub fn run(case: &Case, kind: Kind, setup: &Setup, timing: Timing) -> Result<Vec
             conns,
             store,
         } => stream(kind, setup, timing, targets, conns, store),
-        What::StoreSmall { conns } => store_small(setup, timing, conns),
+        What::StoreSmall { conns, rate } => store_small(setup, timing, conns, rate),
         What::Echo { conns } => echo(kind, setup, timing, conns),
         What::Trackers { devices, secs } => {
             let (devices, secs) = timing.trackers.unwrap_or((devices, secs));
@@ -239,6 +180,24 @@ fn finish_targets(targets: Vec<Target>, sent: &HashMap<u64, u64>) -> Result<Vec<
     Ok(outcomes)
 }
 
+/// A device-side failure often has its cause at a target, which closes a
+/// connection on the first wrong byte: name the targets' failures first.
+fn with_targets(error: String, targets: Vec<Target>) -> String {
+    let causes: Vec<String> = targets
+        .into_iter()
+        .enumerate()
+        .filter_map(|(index, target)| {
+            let first = target.finish().failures.into_iter().next()?;
+            Some(format!("target {}: {first}", index + 1))
+        })
+        .collect();
+    if causes.is_empty() {
+        error
+    } else {
+        format!("{}; then {error}", causes.join("; "))
+    }
+}
+
 /// Counters at one moment.
 struct Snapshot {
     at: Instant,
@@ -266,7 +225,7 @@ const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 fn startup(kind: Kind, setup: &Setup) -> Result<Vec<Metric>, String> {
     let targets = start_targets(1)?;
     let proxy = Running::start(kind, setup, &[targets[0].addr], false)?;
-    let devices = Devices::start(Mode::Stream, proxy.listen, 1, 1)?;
+    let devices = Devices::start(Mode::Stream, proxy.listen, 1, None)?;
     while targets[0].shared.bytes.load(Relaxed) == 0 {
         if proxy.spawned.elapsed() > Duration::from_secs(10) {
             return Err(proxy.failure("forwarded nothing within 10 s"));
@@ -275,7 +234,10 @@ fn startup(kind: Kind, setup: &Setup) -> Result<Vec<Metric>, String> {
     }
     let first_byte = proxy.spawned.elapsed();
     let startup = proxy.startup;
-    let outcome = devices.finish()?;
+    let outcome = match devices.finish() {
+        Ok(outcome) => outcome,
+        Err(e) => return Err(with_targets(e, targets)),
+    };
     finish_targets(targets, &outcome.sent)?;
     proxy.stop()?;
     let binary = match kind {
@@ -307,12 +269,15 @@ fn stream(
     let addrs: Vec<_> = targets.iter().map(|t| t.addr).collect();
     let mut proxy = Running::start(kind, setup, &addrs, store)?;
     let started = Instant::now();
-    let devices = Devices::start(Mode::Stream, proxy.listen, conns, 1)?;
+    let devices = Devices::start(Mode::Stream, proxy.listen, conns, None)?;
     std::thread::sleep(timing.warmup);
     let before = Snapshot::take(&mut proxy, &targets)?;
     std::thread::sleep(timing.measure);
     let after = Snapshot::take(&mut proxy, &targets)?;
-    let outcome = devices.finish()?;
+    let outcome = match devices.finish() {
+        Ok(outcome) => outcome,
+        Err(e) => return Err(with_targets(e, targets)),
+    };
     let traffic = started.elapsed().as_secs_f64();
     finish_targets(targets, &outcome.sent)?;
     let data_dir = proxy.data_dir.clone();
@@ -322,7 +287,7 @@ fn stream(
     let delivered: Vec<f64> = (0..target_count)
         .map(|t| (after.bytes[t] - before.bytes[t]) as f64)
         .collect();
-    if delivered.iter().any(|&bytes| bytes == 0.0) {
+    if delivered.contains(&0.0) {
         return Err("a target received nothing during the measured window: stalled".into());
     }
     let mean = delivered.iter().sum::<f64>() / target_count as f64;
@@ -356,14 +321,23 @@ fn stream(
     Ok(metrics)
 }
 
-fn store_small(setup: &Setup, timing: Timing, conns: usize) -> Result<Vec<Metric>, String> {
+fn store_small(
+    setup: &Setup,
+    timing: Timing,
+    conns: usize,
+    rate: Option<f64>,
+) -> Result<Vec<Metric>, String> {
     let targets = start_targets(1)?;
     let mut proxy = Running::start(Kind::ProxyChannel, setup, &[targets[0].addr], true)?;
+    let pace = rate.map(|rate| rate / conns as f64);
+    let devices = Devices::start(Mode::Flood, proxy.listen, conns, pace)?;
     let started = Instant::now();
-    let devices = Devices::start(Mode::Flood, proxy.listen, conns, 1)?;
     std::thread::sleep(timing.warmup + timing.measure);
     proxy.check_alive()?;
-    let outcome = devices.finish()?;
+    let outcome = match devices.finish() {
+        Ok(outcome) => outcome,
+        Err(e) => return Err(with_targets(e, targets)),
+    };
     let traffic = started.elapsed().as_secs_f64();
     finish_targets(targets, &outcome.sent)?;
     let dir = proxy.data_dir.clone().ok_or("no data folder")?;
@@ -393,7 +367,7 @@ fn store_small(setup: &Setup, timing: Timing, conns: usize) -> Result<Vec<Metric
 fn echo(kind: Kind, setup: &Setup, timing: Timing, conns: usize) -> Result<Vec<Metric>, String> {
     let targets = start_targets(1)?;
     let mut proxy = Running::start(kind, setup, &[targets[0].addr], false)?;
-    let devices = Devices::start(Mode::Echo, proxy.listen, conns, 1)?;
+    let devices = Devices::start(Mode::Echo, proxy.listen, conns, None)?;
     std::thread::sleep(timing.warmup);
     devices.shared.measuring.store(true, Relaxed);
     let before = Snapshot::take(&mut proxy, &targets)?;
@@ -402,7 +376,10 @@ fn echo(kind: Kind, setup: &Setup, timing: Timing, conns: usize) -> Result<Vec<M
     let requests = devices.shared.requests.load(Relaxed) - requests_before;
     let after = Snapshot::take(&mut proxy, &targets)?;
     devices.shared.measuring.store(false, Relaxed);
-    let outcome = devices.finish()?;
+    let outcome = match devices.finish() {
+        Ok(outcome) => outcome,
+        Err(e) => return Err(with_targets(e, targets)),
+    };
     finish_targets(targets, &outcome.sent)?;
     proxy.stop()?;
     if requests == 0 {
@@ -423,6 +400,9 @@ fn echo(kind: Kind, setup: &Setup, timing: Timing, conns: usize) -> Result<Vec<M
     Ok(metrics)
 }
 
+/// Connecting all trackers takes well under a second when all is well.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(60);
+
 fn trackers(kind: Kind, setup: &Setup, count: usize, secs: u32) -> Result<Vec<Metric>, String> {
     let targets = start_targets(1)?;
     let mut proxy = Running::start(kind, setup, &[targets[0].addr], false)?;
@@ -430,23 +410,27 @@ fn trackers(kind: Kind, setup: &Setup, count: usize, secs: u32) -> Result<Vec<Me
     let pss_before = proxy.pss_kib();
     let connecting = Instant::now();
     let shared = targets[0].shared.clone();
-    let mut fleet = Fleet::connect(
-        proxy.listen,
-        count,
-        &shared.identified,
-        Duration::from_secs(60),
-    )?;
+    let connected = Fleet::connect(proxy.listen, count, &shared, CONNECT_DEADLINE);
+    let mut fleet = match connected {
+        Ok(fleet) => fleet,
+        Err(e) => return Err(with_targets(e, targets)),
+    };
     let connect_secs = connecting.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(500));
     proxy.check_alive()?;
     let pss_idle = proxy.pss_kib();
     let sampler = PssSampler::start(proxy.pid());
     let cpu_before = proxy.cpu_seconds();
-    fleet.send(secs)?;
+    if let Err(e) = fleet.send(secs) {
+        return Err(with_targets(e, targets));
+    }
     let cpu = proxy.cpu_seconds() - cpu_before;
     let pss_max = sampler.finish().max(proxy.pss_kib());
     proxy.check_alive()?;
-    let sent = fleet.close(&shared.finished, Duration::from_secs(30))?;
+    let sent = match fleet.close(&shared, Duration::from_secs(30)) {
+        Ok(sent) => sent,
+        Err(e) => return Err(with_targets(e, targets)),
+    };
     let outcomes = finish_targets(targets, &sent)?;
     proxy.stop()?;
     let latency = &outcomes[0].latency;

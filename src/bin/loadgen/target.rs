@@ -40,6 +40,8 @@ pub struct Shared {
     pub identified: AtomicUsize,
     /// Connections closed cleanly by their peer and then by us.
     pub finished: AtomicUsize,
+    /// Failures so far (wrong bytes, errors): waiting on more is pointless.
+    pub failed: AtomicUsize,
     stop: AtomicBool,
 }
 
@@ -183,7 +185,7 @@ impl Server {
         while !self.shared.stop.load(Relaxed) {
             if let Err(e) = self.poll.poll(&mut events, Some(Duration::from_millis(20))) {
                 if e.kind() != io::ErrorKind::Interrupted {
-                    self.outcome.failures.push(format!("target poll: {e}"));
+                    self.fail(format!("target poll: {e}"));
                     break;
                 }
             }
@@ -224,7 +226,7 @@ impl Server {
                         )
                     });
                     if let Err(e) = registered {
-                        self.outcome.failures.push(format!("target register: {e}"));
+                        self.fail(format!("target register: {e}"));
                         continue;
                     }
                     entry.insert(Conn {
@@ -244,7 +246,7 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     // EMFILE and the like: say so and stop accepting for now.
-                    self.outcome.failures.push(format!("target accept: {e}"));
+                    self.fail(format!("target accept: {e}"));
                     return;
                 }
             }
@@ -287,9 +289,14 @@ impl Server {
             }
         }
         if let Some(failure) = failure {
-            self.outcome.failures.push(failure);
+            self.fail(failure);
             self.close(slot, false);
         }
+    }
+
+    fn fail(&mut self, failure: String) {
+        self.shared.failed.fetch_add(1, Relaxed);
+        self.outcome.failures.push(failure);
     }
 
     fn close(&mut self, slot: usize, finished: bool) {
@@ -305,9 +312,7 @@ impl Server {
             self.shared.finished.fetch_add(1, Relaxed);
         }
         if self.outcome.conns.insert(id, conn.result).is_some() {
-            self.outcome
-                .failures
-                .push(format!("connection {id} arrived twice"));
+            self.fail(format!("connection {id} arrived twice"));
         }
     }
 }

@@ -12,9 +12,10 @@
 use std::collections::HashMap;
 use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
+use crate::target::Shared;
 use crate::wire::{self, Mode, PACKET_LEN};
 
 /// Devices connected but not yet seen by the target.
@@ -32,19 +33,18 @@ impl Fleet {
     pub fn connect(
         addr: SocketAddr,
         count: usize,
-        identified: &AtomicUsize,
+        target: &Shared,
         deadline: Duration,
     ) -> Result<Fleet, String> {
         let started = Instant::now();
-        let late = || format!("connecting {count} trackers took over {deadline:?}");
         let mut devices = Vec::with_capacity(count);
         for index in 0..count {
-            while index >= identified.load(Relaxed) + IN_FLIGHT {
-                if started.elapsed() > deadline {
-                    return Err(late());
-                }
-                std::thread::sleep(Duration::from_micros(200));
-            }
+            wait_for(
+                target,
+                started + deadline,
+                "connecting the trackers",
+                || index < target.identified.load(Relaxed) + IN_FLIGHT,
+            )?;
             let id = index as u64 + 1;
             let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
                 .map_err(|e| format!("tracker {id}: connect: {e}"))?;
@@ -55,12 +55,12 @@ impl Fleet {
                 .map_err(|e| format!("tracker {id}: {e}"))?;
             devices.push(stream);
         }
-        while identified.load(Relaxed) < count {
-            if started.elapsed() > deadline {
-                return Err(late());
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_for(
+            target,
+            started + deadline,
+            "connecting the trackers",
+            || target.identified.load(Relaxed) == count,
+        )?;
         Ok(Fleet {
             devices,
             packets: 0,
@@ -105,29 +105,45 @@ impl Fleet {
 
     /// Closes every device's sending side, waits until the target saw all
     /// of them close, and returns the bytes each sent after its header.
-    pub fn close(
-        self,
-        finished: &AtomicUsize,
-        deadline: Duration,
-    ) -> Result<HashMap<u64, u64>, String> {
+    pub fn close(self, target: &Shared, deadline: Duration) -> Result<HashMap<u64, u64>, String> {
         for device in &self.devices {
             // A device the proxy already closed fails the count check below.
             let _ = device.shutdown(Shutdown::Write);
         }
-        let started = Instant::now();
-        while finished.load(Relaxed) < self.devices.len() {
-            if started.elapsed() > deadline {
-                return Err(format!(
-                    "{} of {} tracker connections still open at the target {deadline:?} after the devices closed",
-                    self.devices.len() - finished.load(Relaxed),
-                    self.devices.len()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let count = self.devices.len();
+        wait_for(
+            target,
+            Instant::now() + deadline,
+            "closing the trackers",
+            || target.finished.load(Relaxed) == count,
+        )?;
         let bytes = self.packets * PACKET_LEN as u64;
         Ok((1..=self.devices.len() as u64)
             .map(|id| (id, bytes))
             .collect())
     }
+}
+
+/// Waits until `done`, failing at `deadline` or as soon as the target has
+/// seen something wrong.
+fn wait_for(
+    target: &Shared,
+    deadline: Instant,
+    what: &str,
+    done: impl Fn() -> bool,
+) -> Result<(), String> {
+    while !done() {
+        if target.failed.load(Relaxed) > 0 {
+            return Err(format!("{what}: the target failed"));
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{what}: stalled ({} connections identified, {} closed at the target)",
+                target.identified.load(Relaxed),
+                target.finished.load(Relaxed)
+            ));
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    Ok(())
 }

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# scripts/bench.sh: proxy-channel against haproxy (mode tcp), same load, same
+# machine, loopback only.
+#
+# Builds the release binaries (proxy-channel and the load generator,
+# src/bin/loadgen), installs haproxy if it is missing, then runs every case
+# of `loadgen cases` round after round: within a round each case runs
+# against proxy-channel, then haproxy (A B A B ...), and against no proxy at
+# all ("direct", the physical reference) in odd rounds. Each run is one
+# `loadgen run` process that starts the proxy itself, checks every byte the
+# devices sent, and prints one JSON line (to --out). A run that lost or
+# corrupted anything is a failure, not a figure. At the end
+# `loadgen report` prints one table of medians and the pc/haproxy ratios.
+#
+# Usage: scripts/bench.sh [--quick] [--rounds N] [--only CASE,...] [--out FILE]
+#        scripts/bench.sh --report FILE     (the table of an earlier run)
+#   --quick    3 rounds, short windows, 3,000 trackers for 5 s: for development
+#   --rounds   rounds (default 5)
+#   --only     a subset of cases, e.g. --only echo-50c,trackers
+#              (the list: target/release/loadgen cases)
+#   --out      results file (default target/bench/results.jsonl)
+# The full run takes about 9 minutes on 2 cores. Exit status 1 if any run
+# failed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+rounds=5
+rounds_set=
+quick=()
+only=()
+out=target/bench/results.jsonl
+report_only=
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --quick) quick=(--quick) ;;
+        --rounds) rounds="$2"; rounds_set=1; shift ;;
+        --only) only=(--only "$2"); shift ;;
+        --out) out="$2"; shift ;;
+        --report) report_only="$2"; shift ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) echo "bench.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+if [[ ${#quick[@]} -gt 0 && -z $rounds_set ]]; then
+    rounds=3
+fi
+
+cargo build --release --quiet --bin proxy-channel --bin loadgen
+loadgen=target/release/loadgen
+if [[ -n $report_only ]]; then
+    exec "$loadgen" report "$report_only"
+fi
+
+if ! command -v haproxy >/dev/null; then
+    echo "bench.sh: installing haproxy (apt-get)" >&2
+    if [[ $(id -u) -eq 0 ]]; then
+        apt-get update -qq && apt-get install -y -qq haproxy >/dev/null
+    else
+        sudo apt-get update -qq && sudo apt-get install -y -qq haproxy >/dev/null
+    fi
+fi
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/proxy-bench.XXXXXX")
+child=
+cleanup() {
+    # The run in progress, if any: loadgen's proxy dies with it (PDEATHSIG).
+    if [[ -n $child ]] && kill -0 "$child" 2>/dev/null; then
+        kill "$child" 2>/dev/null || true
+        wait "$child" 2>/dev/null || true
+    fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+mkdir -p "$(dirname "$out")"
+: >"$out"
+mapfile -t cases < <("$loadgen" cases "${only[@]}")
+if [[ ${#cases[@]} -eq 0 ]]; then
+    echo "bench.sh: no such case; see $loadgen cases" >&2
+    exit 2
+fi
+
+failed=0
+started=$SECONDS
+for ((round = 1; round <= rounds; round++)); do
+    echo "--- round $round of $rounds ($((SECONDS - started)) s so far)" >&2
+    for line in "${cases[@]}"; do
+        read -r case proxies <<<"$line"
+        for proxy in $proxies; do
+            if [[ $proxy == direct && $((round % 2)) -eq 0 ]]; then
+                continue # the reference runs in odd rounds only, to save time
+            fi
+            "$loadgen" run "$case" "$proxy" --round "$round" "${quick[@]}" \
+                --work-dir "$work/run" \
+                --haproxy-template scripts/haproxy-bench.cfg.template >>"$out" &
+            child=$!
+            wait "$child" || failed=1
+            child=
+        done
+    done
+done
+
+echo >&2
+echo "proxy-channel $(git rev-parse --short HEAD 2>/dev/null || echo '?') vs $(haproxy -v | head -1 | cut -d' ' -f1-3);" \
+    "$(nproc) CPUs, $(uname -r); $rounds rounds in $((SECONDS - started)) s; results in $out"
+echo "threads: PROXY_WORKERS=2, haproxy nbthread 2; loadgen unpinned"
+echo
+"$loadgen" report "$out" || failed=1
+exit "$failed"
