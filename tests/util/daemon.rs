@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use serde_json::Value;
+
 use super::{BIN, MessageLog, poll_until, secs};
 
 /// A `proxy-channel` command with no inherited `PROXY_*` variable, RUST_LOG
@@ -38,13 +40,24 @@ pub struct Finished {
 /// Runs the binary with `args` and `vars` until it exits (killed after
 /// `timeout`), collecting both outputs.
 pub fn run_to_exit(args: &[&str], vars: &[(&str, &str)], timeout: Duration) -> Finished {
-    let mut child = daemon_command(vars)
-        .args(args)
+    let mut command = daemon_command(vars);
+    command.args(args);
+    run_command_to_exit(
+        command,
+        &format!("proxy-channel {args:?} with {vars:?}"),
+        timeout,
+    )
+}
+
+/// Runs `command` (named `what` in failures) until it exits (killed after
+/// `timeout`), collecting both outputs.
+pub fn run_command_to_exit(mut command: Command, what: &str, timeout: Duration) -> Finished {
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("start proxy-channel");
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
     let drain = |mut pipe: Box<dyn Read + Send>| {
         thread::spawn(move || {
             let mut text = String::new();
@@ -67,10 +80,7 @@ pub fn run_to_exit(args: &[&str], vars: &[(&str, &str)], timeout: Duration) -> F
             let _ = child.kill();
             let status = child.wait().expect("wait after kill");
             let stderr = stderr.join().unwrap_or_default();
-            panic!(
-                "proxy-channel {args:?} with {vars:?} did not exit within {timeout:?} \
-                 ({status}); stderr:\n{stderr}"
-            );
+            panic!("{what} did not exit within {timeout:?} ({status}); stderr:\n{stderr}");
         }
     };
     Finished {
@@ -80,12 +90,57 @@ pub fn run_to_exit(args: &[&str], vars: &[(&str, &str)], timeout: Duration) -> F
     }
 }
 
+/// `proxy-channel ctl ARGS --socket SOCKET`, run to its end (10 s at most).
+pub fn run_ctl(socket: &Path, args: &[&str]) -> Finished {
+    let mut command = daemon_command(&[]);
+    command.arg("ctl").args(args).arg("--socket").arg(socket);
+    run_command_to_exit(command, &format!("proxy-channel ctl {args:?}"), secs(10))
+}
+
+/// `proxy-channel ctl ARGS --json` on `socket`: fails the test unless it
+/// exits 0 with one JSON reply that says `"ok":true`, and returns it.
+pub fn ctl_json(socket: &Path, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let finished = run_ctl(socket, &all);
+    assert!(
+        finished.status.success(),
+        "ctl {all:?} failed ({}): {}",
+        finished.status,
+        finished.stderr
+    );
+    let reply: Value = serde_json::from_str(&finished.stdout)
+        .unwrap_or_else(|e| panic!("ctl {all:?} printed no JSON ({e}): {}", finished.stdout));
+    assert_eq!(
+        reply["ok"],
+        Value::Bool(true),
+        "ctl {all:?} replied {reply}"
+    );
+    reply
+}
+
+/// Where a daemon keeps its messages: a temporary folder it owns, or a
+/// folder the test owns (to restart on it, or a mount).
+enum DataDir {
+    Owned(tempfile::TempDir),
+    Given(PathBuf),
+}
+
+impl DataDir {
+    fn path(&self) -> &Path {
+        match self {
+            DataDir::Owned(dir) => dir.path(),
+            DataDir::Given(path) => path,
+        }
+    }
+}
+
 /// The daemon, started on a free loopback port with its own data folder.
 /// Dropping it kills the process.
 pub struct Daemon {
     child: Child,
     addr: SocketAddr,
-    dir: tempfile::TempDir,
+    dir: DataDir,
     stderr: Arc<Mutex<Vec<String>>>,
     stderr_thread: Option<JoinHandle<()>>,
 }
@@ -96,12 +151,32 @@ impl Daemon {
     /// override those), and waits for its "listening on" line.
     pub fn start(vars: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().expect("temporary data folder");
-        let data_dir = dir.path().to_str().expect("UTF-8 temp path").to_string();
+        Daemon::spawn(DataDir::Owned(dir), vars, true)
+    }
+
+    /// Like [`Daemon::start`], with the data folder `dir`, which the test
+    /// owns (the daemon may be started on it again).
+    pub fn start_in(dir: &Path, vars: &[(&str, &str)]) -> Daemon {
+        Daemon::spawn(DataDir::Given(dir.to_path_buf()), vars, true)
+    }
+
+    /// Like [`Daemon::start`], with the control socket where it is by
+    /// default: PROXY_CONTROL_SOCKET unset, so at
+    /// [`Daemon::control_socket`].
+    pub fn start_with_control(vars: &[(&str, &str)]) -> Daemon {
+        let dir = tempfile::tempdir().expect("temporary data folder");
+        Daemon::spawn(DataDir::Owned(dir), vars, false)
+    }
+
+    fn spawn(dir: DataDir, vars: &[(&str, &str)], control_off: bool) -> Daemon {
+        let data_dir = dir.path().to_str().expect("UTF-8 data path").to_string();
         let mut all = vec![
             ("PROXY_LISTEN", "127.0.0.1:0"),
             ("PROXY_DATA_DIR", data_dir.as_str()),
-            ("PROXY_CONTROL_SOCKET", "off"),
         ];
+        if control_off {
+            all.push(("PROXY_CONTROL_SOCKET", "off"));
+        }
         all.extend_from_slice(vars);
         let mut child = daemon_command(&all)
             .stdin(Stdio::null())
@@ -162,6 +237,16 @@ impl Daemon {
         self.dir.path().join("messages.jsonl")
     }
 
+    /// The control socket's default place, `$PROXY_DATA_DIR/control.sock`.
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.path().join("control.sock")
+    }
+
+    /// `proxy-channel ctl ARGS` on [`Daemon::control_socket`].
+    pub fn ctl(&self, args: &[&str]) -> Finished {
+        run_ctl(&self.control_socket(), args)
+    }
+
     /// A fresh reader of the messages file.
     pub fn log(&self) -> MessageLog {
         MessageLog::new(self.messages_path())
@@ -170,6 +255,67 @@ impl Daemon {
     /// The daemon's stderr so far.
     pub fn stderr_lines(&self) -> Vec<String> {
         self.stderr.lock().unwrap().clone()
+    }
+
+    /// The daemon's log lines so far that contain `needle`.
+    pub fn log_lines_with(&self, needle: &str) -> Vec<String> {
+        let lines = self.stderr.lock().unwrap();
+        lines
+            .iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until the daemon logged `count` lines containing `needle` and
+    /// returns them; fails the test after `timeout`.
+    pub fn wait_log(&self, needle: &str, count: usize, timeout: Duration) -> Vec<String> {
+        let held = poll_until(timeout, || self.log_lines_with(needle).len() >= count);
+        assert!(
+            held,
+            "expected {count} log lines with {needle:?} within {timeout:?}, saw {}; stderr:\n{}",
+            self.log_lines_with(needle).len(),
+            self.stderr_lines().join("\n")
+        );
+        self.log_lines_with(needle)
+    }
+
+    /// The N of the daemon's last log line, `message writer stopped after
+    /// N lines` (logged when it stopped).
+    pub fn lines_written(&self) -> usize {
+        let lines = self.log_lines_with("message writer stopped after ");
+        let line = lines.last().unwrap_or_else(|| {
+            panic!(
+                "no \"message writer stopped\" line; stderr:\n{}",
+                self.stderr_lines().join("\n")
+            )
+        });
+        line.rsplit_once("after ")
+            .and_then(|(_, rest)| rest.trim_end_matches(" lines").parse().ok())
+            .unwrap_or_else(|| panic!("cannot read the count in {line:?}"))
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGTERM, then waits (10 s at most) for exit status 0.
+    pub fn stop(&mut self) {
+        self.signal(libc::SIGTERM);
+        let status = self.wait_exit(secs(10));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "expected the daemon to exit 0 within 10 s of SIGTERM, saw {status:?}; stderr:\n{}",
+            self.stderr_lines().join("\n")
+        );
+    }
+
+    /// SIGKILL (`kill -9`), and waits for the process to be gone.
+    pub fn kill_9(&mut self) {
+        self.signal(libc::SIGKILL);
+        let status = self.wait_exit(secs(10));
+        assert!(status.is_some(), "the daemon outlived SIGKILL by 10 s");
     }
 
     /// Fails the test if the daemon logged an error or panicked.

@@ -5,12 +5,12 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
-use super::poll_until;
+use super::{assert_same_bytes, poll_until};
 
 /// Reads `messages.jsonl` incrementally: each [`MessageLog::refresh`] parses
 /// only the complete lines added since the last one. Every complete line
@@ -20,6 +20,9 @@ pub struct MessageLog {
     offset: u64,
     partial: Vec<u8>,
     lines: Vec<Value>,
+    /// For [`MessageLog::read_files`]: each file and the index of its first
+    /// line.
+    files: Vec<(PathBuf, usize)>,
 }
 
 /// Every key the SPEC's Messages table allows.
@@ -47,7 +50,43 @@ impl MessageLog {
             offset: 0,
             partial: Vec::new(),
             lines: Vec::new(),
+            files: Vec::new(),
         }
+    }
+
+    /// Reads `paths` whole, in this order (see [`message_files`]). Every
+    /// file but the last must end with a whole line; the last one's cut
+    /// tail, if any, is [`MessageLog::unfinished_tail`], and
+    /// [`MessageLog::refresh`] goes on reading that file.
+    pub fn read_files(paths: &[PathBuf]) -> MessageLog {
+        let mut log = MessageLog::new(PathBuf::new());
+        for path in paths {
+            assert!(
+                log.partial.is_empty(),
+                "{} does not end with a whole line: {:?}",
+                log.path.display(),
+                String::from_utf8_lossy(&log.partial)
+            );
+            log.path = path.clone();
+            log.offset = 0;
+            log.files.push((path.clone(), log.lines.len()));
+            assert!(path.exists(), "{} is gone", path.display());
+            log.refresh();
+        }
+        log
+    }
+
+    /// Each file [`MessageLog::read_files`] read, with the index in
+    /// [`MessageLog::lines`] of its first line.
+    pub fn files(&self) -> &[(PathBuf, usize)] {
+        &self.files
+    }
+
+    /// The file the line at `index` came from (after `read_files`).
+    pub fn file_of_line(&self, index: usize) -> &Path {
+        let at = self.files.partition_point(|(_, first)| *first <= index);
+        assert!(at > 0, "line {index} is before the first file");
+        &self.files[at - 1].0
     }
 
     /// Takes in the lines completed since the last call.
@@ -297,4 +336,160 @@ fn check_message(m: &Value) {
             "{key} must be there exactly for event 2 in {m}"
         );
     }
+}
+
+/// Whether `name` is a rotated file's name:
+/// `messages-YYYYMMDDTHHMMSSZ.jsonl` or `messages-YYYYMMDDTHHMMSSZ_NNN.jsonl`.
+pub fn is_rotated_name(name: &str) -> bool {
+    let Some(middle) = name
+        .strip_prefix("messages-")
+        .and_then(|rest| rest.strip_suffix(".jsonl"))
+    else {
+        return false;
+    };
+    let (stamp, counter) = match middle.split_once('_') {
+        Some((stamp, counter)) => (stamp, Some(counter)),
+        None => (middle, None),
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    stamp.len() == 16
+        && digits(&stamp[..8])
+        && &stamp[8..9] == "T"
+        && digits(&stamp[9..15])
+        && &stamp[15..] == "Z"
+        && counter.is_none_or(|c| c.len() == 3 && digits(c) && c != "000")
+}
+
+/// The seconds since the Unix epoch that a rotated name carries (read as
+/// UTC).
+pub fn rotated_name_time(name: &str) -> u64 {
+    assert!(is_rotated_name(name), "{name:?} is not a rotated name");
+    let stamp = &name["messages-".len().."messages-".len() + 15];
+    let field = |from: usize, to: usize| -> i64 { stamp[from..to].parse().unwrap() };
+    let (year, month, day) = (field(0, 4), field(4, 6), field(6, 8));
+    let (hour, minute, second) = (field(9, 11), field(11, 13), field(13, 15));
+    // Days from 1970-01-01 to the civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let year_of_era = y - era * 400;
+    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    u64::try_from(days * 86_400 + hour * 3600 + minute * 60 + second).expect("after 1970")
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+}
+
+/// The rotated files in `dir`, in name order (which is age order).
+pub fn rotated_files(dir: &Path) -> Vec<PathBuf> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+        .map(|entry| entry.expect("a folder entry").file_name())
+        .filter_map(|name| name.into_string().ok())
+        .filter(|name| is_rotated_name(name))
+        .collect();
+    names.sort();
+    names.into_iter().map(|name| dir.join(name)).collect()
+}
+
+/// The message files of `dir` in the order they were written: the rotated
+/// ones by name, then `messages.jsonl` if it exists.
+pub fn message_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = rotated_files(dir);
+    let current = dir.join("messages.jsonl");
+    if current.exists() {
+        files.push(current);
+    }
+    files
+}
+
+/// Every message file of `dir` in writing order, read strictly: whole lines
+/// only, every one a well-formed message.
+pub fn read_folder(dir: &Path) -> MessageLog {
+    let log = MessageLog::read_files(&message_files(dir));
+    assert!(
+        log.unfinished_tail().is_empty(),
+        "the current file ends with a cut line: {:?}",
+        String::from_utf8_lossy(log.unfinished_tail())
+    );
+    log.assert_well_formed();
+    log
+}
+
+/// Checks one device's messages: its event 1 first and once, at most one
+/// event 2 and last, timestamps in order, and its data payloads adding up
+/// to exactly `sent`. Returns the event 2, if there is one.
+pub fn assert_device_stream<'a>(log: &'a MessageLog, peer: &str, sent: &[u8]) -> Option<&'a Value> {
+    let ident = log
+        .ident_of_peer(peer)
+        .unwrap_or_else(|| panic!("no event 1 for device {peer}"));
+    let messages = log.of_ident(&ident);
+    let connects = log.select(&ident, 0, 1);
+    assert_eq!(connects.len(), 1, "{ident}: expected one event 1");
+    assert!(
+        std::ptr::eq(messages[0], connects[0]),
+        "{ident}: expected its event 1 first, saw {}",
+        messages[0]
+    );
+    let drops = log.select(&ident, 0, 2);
+    assert!(drops.len() <= 1, "{ident}: {} event 2 lines", drops.len());
+    if let Some(drop) = drops.first() {
+        assert!(
+            std::ptr::eq(*messages.last().unwrap(), *drop),
+            "{ident}: expected its event 2 last"
+        );
+    }
+    let stamps: Vec<f64> = messages
+        .iter()
+        .map(|m| m["server.timestamp"].as_f64().unwrap())
+        .collect();
+    assert!(
+        stamps.windows(2).all(|w| w[0] <= w[1]),
+        "{ident}: timestamps out of order in reading order (files in name order)"
+    );
+    let sizes: u64 = log
+        .select(&ident, 0, 0)
+        .iter()
+        .map(|m| number(m, "proxy.payload.size"))
+        .sum();
+    assert_eq!(
+        sizes,
+        sent.len() as u64,
+        "{ident}: sum of proxy.payload.size"
+    );
+    assert_same_bytes(
+        &format!("device {peer} ({ident}) in the files"),
+        sent,
+        &log.payload(&ident, 0),
+    );
+    drops.first().copied()
+}
+
+/// The device payloads in one file, concatenated.
+pub fn device_bytes_in(path: &Path) -> Vec<u8> {
+    let log = MessageLog::read_files(&[path.to_path_buf()]);
+    let mut bytes = Vec::new();
+    for message in log
+        .lines()
+        .iter()
+        .filter(|m| event(m) == 0 && source(m) == 0)
+    {
+        bytes.extend(hex::decode(text(message, "proxy.payload.hex")).unwrap());
+    }
+    bytes
+}
+
+/// The complete lines of `bytes` and what follows the last newline.
+pub fn split_lines(bytes: &[u8]) -> (Vec<&[u8]>, &[u8]) {
+    let end = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let lines = bytes[..end]
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty());
+    (lines.collect(), &bytes[end..])
 }

@@ -8,13 +8,16 @@
 //! own daemon with its own temporary data folder, so tests run in parallel.
 //!
 //! Every helper is reachable as `util::name`; the submodules only sort them:
-//! `daemon` (the process and its log), `messages` (the message files),
-//! `device` (device clients), `target` (target servers) and `sockets`
-//! (socket options and a refusing port).
+//! `daemon` (the process, its log, `ctl`), `messages` (the message files),
+//! `device` (device clients), `load` (many devices at a steady pace),
+//! `target` (target servers), `sockets` (socket options and a refusing
+//! port) and `disk` (a tmpfs to fill up).
 #![allow(dead_code)] // each test file uses its own subset of the helpers
 
 mod daemon;
 mod device;
+mod disk;
+mod load;
 mod messages;
 mod sockets;
 mod target;
@@ -24,6 +27,10 @@ mod target;
 pub use daemon::*;
 #[allow(unused_imports)]
 pub use device::*;
+#[allow(unused_imports)]
+pub use disk::*;
+#[allow(unused_imports)]
+pub use load::*;
 #[allow(unused_imports)]
 pub use messages::*;
 #[allow(unused_imports)]
