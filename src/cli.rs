@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use lexopt::prelude::*;
 
-use crate::config::SETTINGS;
+use crate::config::{SETTINGS, parse_target_address};
 use crate::ctl::{CtlOptions, Request};
 use crate::filter::Filter;
 use crate::replay::ReplayOptions;
@@ -84,16 +84,13 @@ fn parse_view(parser: &mut lexopt::Parser) -> Result<ViewOptions, UsageError> {
             Long("json") => options.format = Format::Json,
             Short('f') | Long("follow") => options.follow = true,
             Long("no-color") => options.color = false,
-            Long(name) => {
+            Long(name @ ("ident" | "peer" | "source" | "event" | "since" | "until")) => {
                 let option = format!("--{name}");
                 let value = string_value(parser)?;
-                if !options
+                options
                     .filter
                     .set(&option, &value, now)
-                    .map_err(|e| UsageError(e.to_string()))?
-                {
-                    return Err(UsageError(format!("unknown option {option} for view")));
-                }
+                    .map_err(|e| UsageError(e.to_string()))?;
             }
             Value(path) => options.paths.push(PathBuf::from(path)),
             other => return Err(other.unexpected().into()),
@@ -156,7 +153,15 @@ fn parse_replay(parser: &mut lexopt::Parser) -> Result<ReplayOptions, UsageError
             other => return Err(other.unexpected().into()),
         }
     }
-    options.target = target.ok_or_else(|| UsageError("replay needs --target HOST:PORT".into()))?;
+    let target = target.ok_or_else(|| UsageError("replay needs --target HOST:PORT".into()))?;
+    if parse_target_address(&target).is_none() {
+        return Err(invalid(
+            "--target",
+            &target,
+            "host:port, such as 10.0.0.7:21000",
+        ));
+    }
+    options.target = target;
     if options.paths.is_empty() {
         options.paths.push(default_data_dir());
     }

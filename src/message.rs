@@ -169,6 +169,21 @@ pub struct StoredMessage<'a> {
     pub bytes_sent: Option<u64>,
 }
 
+impl<'a> StoredMessage<'a> {
+    /// Parses one line; a line that is valid JSON but not one of our
+    /// messages is an error too.
+    pub fn parse(line: &'a [u8]) -> Result<StoredMessage<'a>, String> {
+        let message: StoredMessage<'a> = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+        if message.event > Event::Dropped as u8 {
+            return Err(format!("proxy.event {} is not 0, 1 or 2", message.event));
+        }
+        if message.source > 3 {
+            return Err(format!("proxy.source {} is not 0 to 3", message.source));
+        }
+        Ok(message)
+    }
+}
+
 /// Now, as seconds since the Unix epoch with microsecond precision.
 pub fn now_timestamp() -> f64 {
     let since_epoch = SystemTime::now()

@@ -51,6 +51,14 @@ pub fn message_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, ReadError> {
     Ok(files)
 }
 
+/// Tells the user about a line that is skipped, on stderr.
+pub fn report_skipped(tool: &str, path: &Path, number: u64, why: &str) {
+    eprintln!(
+        "proxy-channel {tool}: {}:{number}: skipped: {why}",
+        path.display()
+    );
+}
+
 /// One complete line and where it was.
 pub struct Line<'a> {
     /// Without its newline.

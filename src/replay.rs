@@ -15,14 +15,19 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, IsTerminal, Read, Seek, SeekFrom, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::filter::Filter;
 use crate::message::{DEVICE, StoredMessage};
-use crate::reader::{LineReader, ReadError, message_files};
+use crate::reader::{LineReader, ReadError, message_files, report_skipped};
+
+/// A write that makes no progress for this long fails its connection.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Replies are read at most this long after the last byte was sent.
+const REPLIES_AT_MOST: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct ReplayOptions {
@@ -95,47 +100,115 @@ fn next(queue: &Mutex<std::vec::IntoIter<Recorded>>) -> Option<Recorded> {
 /// The recorded connections that match, oldest first, and how many were
 /// skipped for gaps.
 fn index(files: &[PathBuf], filter: &Filter) -> Result<(Vec<Recorded>, u64), ReadError> {
-    let mut by_ident: HashMap<String, Recorded> = HashMap::new();
+    let mut index = Index::default();
     for (file_index, path) in files.iter().enumerate() {
         let mut reader = LineReader::open(path)?;
         while let Some(line) = reader.next_line()? {
-            let Ok(message) = serde_json::from_slice::<StoredMessage<'_>>(line.bytes) else {
-                continue;
-            };
-            if message.source != DEVICE {
+            match StoredMessage::parse(line.bytes) {
+                Ok(message) => index.add(&message, file_index, line.offset),
+                Err(why) => index.bad_line(
+                    path,
+                    line.number,
+                    line.bytes,
+                    &format!("not a message: {why}"),
+                ),
+            }
+        }
+        if let Some((number, bytes)) = reader.partial_line() {
+            let bytes = bytes.to_vec();
+            index.bad_line(path, number, &bytes, "cut short (no end of line)");
+        }
+    }
+    Ok(index.select(filter))
+}
+
+/// What the first pass has found.
+#[derive(Default)]
+struct Index {
+    by_ident: HashMap<String, Recorded>,
+    /// A line that looked like a message of ours but could not be read, and
+    /// whose connection is unknown: connections that never ended may have
+    /// lost a packet to it.
+    unattributed_damage: bool,
+}
+
+impl Index {
+    fn add(&mut self, message: &StoredMessage<'_>, file: usize, offset: u64) {
+        if message.source != DEVICE {
+            return;
+        }
+        let recorded = self.recorded(&message.ident, &message.peer);
+        note(recorded, message, file, offset);
+    }
+
+    /// Reports a line that is skipped; if it was one of ours, cut short or
+    /// damaged, its connection has a gap.
+    fn bad_line(&mut self, path: &Path, number: u64, bytes: &[u8], why: &str) {
+        report_skipped("replay", path, number, why);
+        if !bytes.starts_with(b"{\"channel.id\":") {
+            return;
+        }
+        let gap = format!("line {number} of {} is not a whole message", path.display());
+        match ident_in(bytes) {
+            Some(ident) => {
+                self.recorded(&ident, "").gap.get_or_insert(gap);
+            }
+            None => self.unattributed_damage = true,
+        }
+    }
+
+    fn recorded(&mut self, ident: &str, peer: &str) -> &mut Recorded {
+        let recorded = self
+            .by_ident
+            .entry(ident.to_string())
+            .or_insert_with(|| Recorded {
+                ident: ident.to_string(),
+                ..Recorded::default()
+            });
+        if recorded.peer.is_empty() {
+            recorded.peer = peer.to_string();
+        }
+        recorded
+    }
+
+    fn select(self, filter: &Filter) -> (Vec<Recorded>, u64) {
+        let mut connections = Vec::new();
+        let mut skipped = 0;
+        for (_, mut recorded) in self.by_ident {
+            let started = recorded.started.unwrap_or(0.0);
+            if !filter.matches_connection(&recorded.ident, &recorded.peer, started) {
                 continue;
             }
-            let recorded = by_ident
-                .entry(message.ident.to_string())
-                .or_insert_with(|| Recorded {
-                    ident: message.ident.to_string(),
-                    peer: message.peer.to_string(),
-                    ..Recorded::default()
+            if self.unattributed_damage && recorded.device_received.is_none() {
+                recorded.gap.get_or_insert_with(|| {
+                    "it never ended and a damaged line in the files may be one of its packets"
+                        .into()
                 });
-            note(recorded, &message, file_index, line.offset);
-        }
-    }
-    let mut connections = Vec::new();
-    let mut skipped = 0;
-    for (_, recorded) in by_ident {
-        let started = recorded.started.unwrap_or(0.0);
-        if !filter.matches_connection(&recorded.ident, &recorded.peer, started) {
-            continue;
-        }
-        match gap_of(&recorded) {
-            Some(gap) => {
-                skipped += 1;
-                eprintln!("proxy-channel replay: {}: skipped: {gap}", recorded.ident);
             }
-            None => connections.push(recorded),
+            match gap_of(&recorded) {
+                Some(gap) => {
+                    skipped += 1;
+                    eprintln!("proxy-channel replay: {}: skipped: {gap}", recorded.ident);
+                }
+                None => connections.push(recorded),
+            }
         }
+        connections.sort_by(|a, b| {
+            a.started
+                .unwrap_or(0.0)
+                .total_cmp(&b.started.unwrap_or(0.0))
+        });
+        (connections, skipped)
     }
-    connections.sort_by(|a, b| {
-        a.started
-            .partial_cmp(&b.started)
-            .unwrap_or(std::cmp::Ordering::Equal)
-    });
-    Ok((connections, skipped))
+}
+
+/// The ident in a damaged line of ours, if the damage left it whole.
+fn ident_in(bytes: &[u8]) -> Option<String> {
+    const KEY: &[u8] = b"\"ident\":\"";
+    let start = bytes.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let ident = bytes.get(start..start + 16)?;
+    let whole = ident.iter().all(u8::is_ascii_hexdigit) && bytes.get(start + 16) == Some(&b'"');
+    whole.then(|| String::from_utf8_lossy(ident).into_owned())
 }
 
 fn note(recorded: &mut Recorded, message: &StoredMessage<'_>, file: usize, offset: u64) {
@@ -211,6 +284,8 @@ fn connect(target: &str) -> io::Result<TcpStream> {
         match TcpStream::connect_timeout(&address, Duration::from_secs(10)) {
             Ok(stream) => {
                 stream.set_nodelay(true)?;
+                // A target that stops reading fails the connection, not the run.
+                stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
                 return Ok(stream);
             }
             Err(e) => last_error = e,
@@ -270,7 +345,7 @@ fn read_payload(
         .seek(SeekFrom::Start(packet.offset))
         .and_then(|_| reader.read_until(b'\n', line))
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let message: StoredMessage<'_> = serde_json::from_slice(line.trim_ascii_end())
+    let message = StoredMessage::parse(line.trim_ascii_end())
         .map_err(|e| format!("{} changed while replaying: {e}", path.display()))?;
     let hex_text = message.payload_hex.unwrap_or_default();
     payload.resize(hex_text.len() / 2, 0);
@@ -278,11 +353,12 @@ fn read_payload(
         .map_err(|e| format!("bad payload in {}: {e}", path.display()))
 }
 
-/// Reads and counts replies until the target closes, or has been quiet for
-/// `wait` once the sender is done.
+/// Reads and counts replies until the target closes, has been quiet for
+/// `wait` once the sender is done, or has gone on for REPLIES_AT_MOST since.
 fn count_replies(mut stream: TcpStream, wait: Duration, sending_done: &AtomicBool) -> u64 {
     let mut buffer = vec![0u8; 64 * 1024];
     let mut received = 0u64;
+    let mut done_at: Option<Instant> = None;
     if stream
         .set_read_timeout(Some(wait.max(Duration::from_millis(1))))
         .is_err()
@@ -290,6 +366,12 @@ fn count_replies(mut stream: TcpStream, wait: Duration, sending_done: &AtomicBoo
         return 0;
     }
     loop {
+        if done_at.is_none() && sending_done.load(Ordering::SeqCst) {
+            done_at = Some(Instant::now());
+        }
+        if done_at.is_some_and(|at| at.elapsed() >= REPLIES_AT_MOST) {
+            return received;
+        }
         match stream.read(&mut buffer) {
             Ok(0) => return received,
             Ok(n) => received += n as u64,
@@ -300,7 +382,7 @@ fn count_replies(mut stream: TcpStream, wait: Duration, sending_done: &AtomicBoo
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                if sending_done.load(Ordering::SeqCst) {
+                if done_at.is_some() {
                     return received;
                 }
             }

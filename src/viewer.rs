@@ -16,7 +16,7 @@ use jiff::tz::TimeZone;
 
 use crate::filter::Filter;
 use crate::message::{DEVICE, StoredMessage, now_timestamp};
-use crate::reader::{LineReader, ReadError, message_files};
+use crate::reader::{LineReader, ReadError, message_files, report_skipped};
 use crate::rotation::CURRENT;
 
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
@@ -54,18 +54,22 @@ pub fn run(options: &ViewOptions, out: &mut dyn Write) -> Result<ViewSummary, Re
         out,
     };
     let files = message_files(&options.paths)?;
+    let follow = options.follow.then(|| follow_path(&options.paths, &files));
+    let mut followed = None;
     for file in &files {
         let mut reader = LineReader::open(file)?;
         if !viewer.read_available(&mut reader)? {
             return Ok(viewer.summary);
         }
-        if !options.follow {
+        if follow.as_ref() == Some(file) {
+            // Shown up to here; the follow goes on from this point.
+            followed = Some(reader);
+        } else {
             viewer.report_partial(&reader);
         }
     }
-    if options.follow {
-        let path = follow_path(&options.paths, &files);
-        viewer.follow(&path)?;
+    if let Some(path) = follow {
+        viewer.follow(&path, followed)?;
     }
     Ok(viewer.summary)
 }
@@ -97,7 +101,7 @@ impl Viewer<'_> {
         let path = reader.path().to_path_buf();
         while let Some(line) = reader.next_line()? {
             let number = line.number;
-            let shown = match serde_json::from_slice::<StoredMessage<'_>>(line.bytes) {
+            let shown = match StoredMessage::parse(line.bytes) {
                 Ok(message) if self.options.filter.matches(&message) => {
                     self.printer.print(&mut *self.out, &message, line.bytes)
                 }
@@ -132,17 +136,16 @@ impl Viewer<'_> {
 
     fn skip(&mut self, path: &Path, number: u64, why: &str) {
         self.summary.skipped += 1;
-        eprintln!(
-            "proxy-channel view: {}:{number}: skipped: {why}",
-            path.display()
-        );
+        report_skipped("view", path, number, why);
     }
 
-    /// Reads `path` as it grows, and its successor after each rotation.
-    fn follow(&mut self, path: &Path) -> Result<(), ReadError> {
-        let mut reader = wait_for(path)?;
-        // What was there at the start has been shown by `run` already, when
-        // the file was among those listed.
+    /// Reads `path` as it grows, and its successor after each rotation;
+    /// `reader` is the file already open (and shown so far), if it was.
+    fn follow(&mut self, path: &Path, reader: Option<LineReader>) -> Result<(), ReadError> {
+        let mut reader = match reader {
+            Some(reader) => reader,
+            None => wait_for(path)?,
+        };
         loop {
             if !self.read_available(&mut reader)? {
                 return Ok(());

@@ -866,7 +866,7 @@ fn cut_off_and_foreign_lines_do_not_stop_a_replay() {
         "the summary; stderr:\n{}",
         run.stderr
     );
-    let skipped_z = format!("proxy-channel replay: {Z}: skipped: 0 of its 6 bytes were stored");
+    let skipped_z = format!("proxy-channel replay: {Z}: skipped: line 8 of ");
     assert!(
         run.stderr.lines().any(|l| l.starts_with(&skipped_z)),
         "expected a line starting {skipped_z:?}; stderr:\n{}",
@@ -875,4 +875,52 @@ fn cut_off_and_foreign_lines_do_not_stop_a_replay() {
     let received: BTreeSet<Vec<u8>> = received_by(&target, 2).into_iter().collect();
     let expected: BTreeSet<Vec<u8>> = [b"x-one;x-two;".to_vec(), b"y-one;".to_vec()].into();
     assert_eq!(received, expected, "the connections replayed whole");
+}
+
+#[test]
+fn cut_off_and_foreign_lines_are_reported_by_replay() {
+    let dir = folder_with_bad_lines();
+    let path = dir.path().join("messages.jsonl");
+    let target = Target::start(Behaviour::Record);
+    let run = replay(&target.address(), &[dir.path().to_str().unwrap()]);
+    // Lines 5 (not ours), 6 (not JSON), 8 (cut short, ended by a restart)
+    // and 13 (the last line, cut short) must each be reported, as view does.
+    for number in [5, 6, 8, 13] {
+        let start = format!("{}:{number}: ", path.display());
+        assert!(
+            run.stderr.lines().any(|l| l.contains(&start)),
+            "replay must report line {number} of {}, stderr:\n{}",
+            path.display(),
+            run.stderr
+        );
+    }
+}
+
+/// After a crash the last line can be cut short; if it is a packet of a
+/// connection, that connection's bytes were not all stored.
+#[test]
+fn a_connection_whose_last_packet_line_is_cut_short_is_not_sent_with_a_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let z = connection(Z, "10.0.0.3:4000", T0, &[b"z-one;", b"z-two;"]);
+    // The daemon crashed while writing z-two: no event 2, a cut last line.
+    let body = format!("{}\n{}\n{}", z[0], z[1], &z[2][..60]);
+    fs::write(dir.path().join("messages.jsonl"), body).unwrap();
+    let target = Target::start(Behaviour::Record);
+    let run = replay(&target.address(), &[dir.path().to_str().unwrap()]);
+    let sent: Vec<Vec<u8>> = target.connections().iter().map(|c| c.received()).collect();
+    assert!(
+        sent.is_empty(),
+        "a connection whose last packet was cut short must not be replayed without it; \
+         the target received {:?}; stderr:\n{}",
+        sent.iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect::<Vec<_>>(),
+        run.stderr
+    );
+    let skipped = format!("proxy-channel replay: {Z}: skipped: ");
+    assert!(
+        run.stderr.lines().any(|l| l.starts_with(&skipped)),
+        "expected a line starting {skipped:?}; stderr:\n{}",
+        run.stderr
+    );
 }

@@ -776,6 +776,45 @@ fn follow_prints_new_messages_also_across_a_sighup_rotation() {
     daemon.assert_no_errors();
 }
 
+/// What is in the current file when `--follow` starts is shown once, then
+/// what comes after; for a folder and for the file named.
+#[test]
+fn follow_shows_what_was_there_at_the_start_once() {
+    let daemon = Daemon::start(&[("PROXY_ROTATE_SIZE", "1GiB")]);
+    let mut before = Device::connect(daemon.addr());
+    send_text(&mut before, "before the viewer", true);
+    let mut log = daemon.log();
+    let ident = log.wait_ident(before.name(), secs(5));
+    log.wait_reason(&ident, 0, secs(5));
+
+    let folder = daemon.data_dir().to_str().unwrap().to_string();
+    let file = daemon.messages_path().to_str().unwrap().to_string();
+    let mut viewers = [
+        Follower::start(&["--follow", "--text", &folder]),
+        Follower::start(&["--follow", "--text", &file]),
+    ];
+    for viewer in &mut viewers {
+        viewer.wait_for_line_with(&closed(&before), secs(5));
+        wait_until_following(viewer);
+    }
+    let mut after = Device::connect(daemon.addr());
+    send_text(&mut after, "after the viewer started", true);
+    let expected = [
+        connected(&before),
+        data(&before, "before the viewer"),
+        "before the viewer".to_string(),
+        closed(&before),
+        connected(&after),
+        data(&after, "after the viewer started"),
+        "after the viewer started".to_string(),
+        closed(&after),
+    ];
+    for (viewer, path) in viewers.iter_mut().zip([&folder, &file]) {
+        viewer.wait_for_line_with(&closed(&after), secs(5));
+        assert_each_once_in_order(&format!("view --follow {path}"), &viewer.lines(), &expected);
+    }
+}
+
 // ---------------------------------------------------------------- colour
 
 /// Runs `view ARGS` with its stdout on a new pseudo-terminal and returns
