@@ -9,9 +9,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use serde_json::Value;
-
-use super::{BIN, MessageLog, poll_until, secs};
+use super::{BIN, MessageLog, poll_until, run_ctl, secs};
 
 /// A `proxy-channel` command with no inherited `PROXY_*` variable, RUST_LOG
 /// at info, and then `vars`.
@@ -88,35 +86,6 @@ pub fn run_command_to_exit(mut command: Command, what: &str, timeout: Duration) 
         stdout: stdout.join().expect("stdout reader"),
         stderr: stderr.join().expect("stderr reader"),
     }
-}
-
-/// `proxy-channel ctl ARGS --socket SOCKET`, run to its end (10 s at most).
-pub fn run_ctl(socket: &Path, args: &[&str]) -> Finished {
-    let mut command = daemon_command(&[]);
-    command.arg("ctl").args(args).arg("--socket").arg(socket);
-    run_command_to_exit(command, &format!("proxy-channel ctl {args:?}"), secs(10))
-}
-
-/// `proxy-channel ctl ARGS --json` on `socket`: fails the test unless it
-/// exits 0 with one JSON reply that says `"ok":true`, and returns it.
-pub fn ctl_json(socket: &Path, args: &[&str]) -> Value {
-    let mut all = args.to_vec();
-    all.push("--json");
-    let finished = run_ctl(socket, &all);
-    assert!(
-        finished.status.success(),
-        "ctl {all:?} failed ({}): {}",
-        finished.status,
-        finished.stderr
-    );
-    let reply: Value = serde_json::from_str(&finished.stdout)
-        .unwrap_or_else(|e| panic!("ctl {all:?} printed no JSON ({e}): {}", finished.stdout));
-    assert_eq!(
-        reply["ok"],
-        Value::Bool(true),
-        "ctl {all:?} replied {reply}"
-    );
-    reply
 }
 
 /// Where a daemon keeps its messages: a temporary folder it owns, or a

@@ -8,12 +8,14 @@
 //! own daemon with its own temporary data folder, so tests run in parallel.
 //!
 //! Every helper is reachable as `util::name`; the submodules only sort them:
-//! `daemon` (the process, its log, `ctl`), `messages` (the message files),
+//! `daemon` (the process and its log), `control` (`ctl`, the control
+//! socket, the metrics parser), `messages` (the message files),
 //! `device` (device clients), `load` (many devices at a steady pace),
 //! `target` (target servers), `sockets` (socket options and a refusing
 //! port) and `disk` (a tmpfs to fill up).
 #![allow(dead_code)] // each test file uses its own subset of the helpers
 
+mod control;
 mod daemon;
 mod device;
 mod disk;
@@ -23,6 +25,8 @@ mod sockets;
 mod target;
 
 // A test file that uses none of a submodule's helpers would warn otherwise.
+#[allow(unused_imports)]
+pub use control::*;
 #[allow(unused_imports)]
 pub use daemon::*;
 #[allow(unused_imports)]

@@ -301,3 +301,23 @@ fn send(stream: &mut TcpStream, conn: &TargetConn, bytes: &[u8]) -> bool {
         }
     }
 }
+
+/// What a device received from targets that [`Behaviour::Reply`]: for the
+/// target tagged `tag`, the bytes of its replies and the byte counts they
+/// add up to (the bytes that target has answered for). A reply cut short
+/// at the end is left out.
+pub fn tagged_replies(received: &[u8], tag: u8) -> (usize, usize) {
+    let text = std::str::from_utf8(received).expect("replies are ASCII");
+    let complete = &text[..text.rfind(';').map_or(0, |i| i + 1)];
+    let (mut bytes, mut answered) = (0, 0);
+    for reply in complete.split_terminator(';') {
+        let (who, n) = reply
+            .split_once(':')
+            .unwrap_or_else(|| panic!("not a reply: {reply:?} in {text:?}"));
+        if who == format!("t{tag}") {
+            bytes += reply.len() + 1;
+            answered += n.parse::<usize>().expect("a count");
+        }
+    }
+    (bytes, answered)
+}
