@@ -19,7 +19,7 @@
 #   --only     a subset of cases, e.g. --only echo-50c,trackers
 #              (the list: target/release/loadgen cases)
 #   --out      results file (default target/bench/results.jsonl)
-# The full run takes about 9 minutes on 2 cores. Exit status 1 if any run
+# The full run takes about 8 minutes on 2 cores. Exit status 1 if any run
 # failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,7 +46,33 @@ if [[ ${#quick[@]} -gt 0 && -z $rounds_set ]]; then
     rounds=3
 fi
 
-cargo build --release --quiet --bin proxy-channel --bin loadgen
+child=
+# Runs a command in a process group of its own, in the background so that
+# the traps can stop it (bash runs a trap only once a foreground command has
+# ended); returns its status.
+run() {
+    setsid "$@" &
+    child=$!
+    local status=0
+    wait "$child" || status=$?
+    child=
+    return "$status"
+}
+cleanup() {
+    # The command in progress and its group: cargo's rustc jobs, or loadgen
+    # and its proxy (which would also die with loadgen: PR_SET_PDEATHSIG).
+    if [[ -n $child ]] && kill -0 "$child" 2>/dev/null; then
+        kill -TERM -- "-$child" 2>/dev/null || true
+        wait "$child" 2>/dev/null || true
+    fi
+    if [[ -n ${work:-} ]]; then
+        rm -rf "$work"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+run cargo build --release --quiet --bin proxy-channel --bin loadgen
 loadgen=target/release/loadgen
 if [[ -n $report_only ]]; then
     exec "$loadgen" report "$report_only"
@@ -54,25 +80,15 @@ fi
 
 if ! command -v haproxy >/dev/null; then
     echo "bench.sh: installing haproxy (apt-get)" >&2
-    if [[ $(id -u) -eq 0 ]]; then
-        apt-get update -qq && apt-get install -y -qq haproxy >/dev/null
-    else
-        sudo apt-get update -qq && sudo apt-get install -y -qq haproxy >/dev/null
+    sudo=()
+    if [[ $(id -u) -ne 0 ]]; then
+        sudo=(sudo)
     fi
+    run "${sudo[@]}" apt-get update -qq
+    run "${sudo[@]}" apt-get install -y -qq haproxy >/dev/null
 fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/proxy-bench.XXXXXX")
-child=
-cleanup() {
-    # The run in progress, if any: loadgen's proxy dies with it (PDEATHSIG).
-    if [[ -n $child ]] && kill -0 "$child" 2>/dev/null; then
-        kill "$child" 2>/dev/null || true
-        wait "$child" 2>/dev/null || true
-    fi
-    rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 mkdir -p "$(dirname "$out")"
 : >"$out"
@@ -92,12 +108,9 @@ for ((round = 1; round <= rounds; round++)); do
             if [[ $proxy == direct && $((round % 2)) -eq 0 ]]; then
                 continue # the reference runs in odd rounds only, to save time
             fi
-            "$loadgen" run "$case" "$proxy" --round "$round" "${quick[@]}" \
+            run "$loadgen" run "$case" "$proxy" --round "$round" "${quick[@]}" \
                 --work-dir "$work/run" \
-                --haproxy-template scripts/haproxy-bench.cfg.template >>"$out" &
-            child=$!
-            wait "$child" || failed=1
-            child=
+                --haproxy-template scripts/haproxy-bench.cfg.template >>"$out" || failed=1
         done
     done
 done

@@ -5,8 +5,9 @@
 //! made from a template, and [`Kind::Direct`] is no proxy at all: devices
 //! connect to the first target. The child gets `PR_SET_PDEATHSIG`, so it
 //! dies with loadgen whatever happens. Startup time is from spawn until a
-//! TCP connect to the listening port succeeds. CPU is utime+stime from
-//! `/proc/<pid>/stat`; memory is `Pss` from `/proc/<pid>/smaps_rollup`.
+//! TCP connect to the listening port succeeds (and, for proxy-channel,
+//! until it logs `listening on`). CPU is utime+stime from `/proc/<pid>/stat`;
+//! memory is `Pss` from `/proc/<pid>/smaps_rollup`.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
@@ -14,7 +15,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Which proxy sits between devices and targets.
@@ -56,6 +57,9 @@ pub struct Setup {
 /// Lines the proxy wrote on stderr, the last few kept for failure reports.
 type Tail = Arc<Mutex<VecDeque<String>>>;
 
+/// When the proxy logged "listening on", if it did.
+type Listening = Arc<OnceLock<Instant>>;
+
 pub struct Running {
     pub kind: Kind,
     pub listen: SocketAddr,
@@ -65,6 +69,7 @@ pub struct Running {
     pub data_dir: Option<PathBuf>,
     child: Option<Child>,
     tail: Tail,
+    listening: Listening,
 }
 
 impl Running {
@@ -84,6 +89,7 @@ impl Running {
                 data_dir: None,
                 child: None,
                 tail: Tail::default(),
+                listening: Listening::default(),
             });
         }
         let listen = free_port()?;
@@ -141,8 +147,14 @@ impl Running {
         let tail = Tail::default();
         let stderr = child.stderr.take().expect("piped");
         let lines = tail.clone();
+        let listening = Listening::default();
+        let logged = listening.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("listening on") {
+                    // Only the first time counts.
+                    let _ = logged.set(Instant::now());
+                }
                 let mut lines = lines.lock().expect("tail lock");
                 if lines.len() == 20 {
                     lines.pop_front();
@@ -158,6 +170,7 @@ impl Running {
             data_dir,
             child: Some(child),
             tail,
+            listening,
         };
         loop {
             if TcpStream::connect_timeout(&listen, Duration::from_millis(100)).is_ok() {
@@ -170,6 +183,11 @@ impl Running {
             }
             std::thread::sleep(Duration::from_micros(250));
         }
+    }
+
+    /// From spawn until the proxy logged "listening on" (proxy-channel does).
+    pub fn listening_after(&self) -> Option<Duration> {
+        Some(self.listening.get()?.duration_since(self.spawned))
     }
 
     pub fn pid(&self) -> Option<u32> {

@@ -106,6 +106,7 @@ const ROWS: &[Row] = &[
     row("trackers: proxy CPU s (20 s)", "trackers", "cpu_s", Goal::RatioAtMost(0.7)),
     row("trackers: proxy CPU us/packet", "trackers", "cpu_us_per_packet", Goal::None),
     row("trackers: s to connect all", "trackers", "connect_s", Goal::None),
+    row("startup: ms to \"listening on\" log", "startup", "listening_ms", Goal::None),
     row("startup: ms to accept", "startup", "startup_ms", Goal::None),
     row("startup: ms to first byte forwarded", "startup", "first_byte_ms", Goal::None),
     row("binary MiB (as built)", "startup", "binary_mib", Goal::None),

@@ -234,6 +234,7 @@ fn startup(kind: Kind, setup: &Setup) -> Result<Vec<Metric>, String> {
     }
     let first_byte = proxy.spawned.elapsed();
     let startup = proxy.startup;
+    let listening = proxy.listening_after();
     let outcome = match devices.finish() {
         Ok(outcome) => outcome,
         Err(e) => return Err(with_targets(e, targets)),
@@ -248,6 +249,9 @@ fn startup(kind: Kind, setup: &Setup) -> Result<Vec<Metric>, String> {
         ("startup_ms", startup.as_secs_f64() * 1e3),
         ("first_byte_ms", first_byte.as_secs_f64() * 1e3),
     ];
+    if let Some(listening) = listening {
+        metrics.push(("listening_ms", listening.as_secs_f64() * 1e3));
+    }
     if let Some(size) = proxy::executable_size(binary) {
         metrics.push(("binary_mib", size as f64 / 1048576.0));
     }
