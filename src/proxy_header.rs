@@ -35,6 +35,9 @@ pub enum Parsed {
         source: Option<SocketAddr>,
         destination: Option<SocketAddr>,
     },
+    /// A v2 LOCAL header of `length` bytes: the balancer's own connection
+    /// (a health check), relaying no client.
+    Local { length: usize },
     /// Not a header the configuration accepts; the reason, in a few words.
     Invalid(String),
 }
@@ -96,7 +99,7 @@ fn parse_v1(input: &[u8]) -> Parsed {
                 destination,
             }
         }
-        Err(e) => Parsed::Invalid(format!("v1: {}", lowercase_first(&e.to_string()))),
+        Err(e) => Parsed::Invalid(format!("v1: {}", tidy(&e.to_string()))),
     }
 }
 
@@ -110,6 +113,9 @@ fn parse_v2(input: &[u8]) -> Parsed {
         }
     }
     match v2::Header::try_from(input) {
+        Ok(header) if header.command == v2::Command::Local => Parsed::Local {
+            length: header.header.len(),
+        },
         Ok(header) => {
             let (source, destination) = match (header.command, header.addresses) {
                 (v2::Command::Proxy, v2::Addresses::IPv4(a)) => (
@@ -126,8 +132,8 @@ fn parse_v2(input: &[u8]) -> Parsed {
                         a.destination_port,
                     )),
                 ),
-                // LOCAL (a balancer's own health check), UNIX or unspecified
-                // addresses: the connection's own peer stands.
+                // UNIX or unspecified addresses: the connection's own peer
+                // stands.
                 _ => (None, None),
             };
             Parsed::Header {
@@ -137,16 +143,24 @@ fn parse_v2(input: &[u8]) -> Parsed {
             }
         }
         Err(e) if e.is_incomplete() => Parsed::Incomplete,
-        Err(e) => Parsed::Invalid(format!("v2: {}", lowercase_first(&e.to_string()))),
+        Err(e) => Parsed::Invalid(format!("v2: {}", tidy(&e.to_string()))),
     }
 }
 
-fn lowercase_first(text: &str) -> String {
-    let mut chars = text.chars();
-    match chars.next() {
-        Some(first) => first.to_lowercase().chain(chars).collect(),
-        None => String::new(),
+/// A parser's error as a reason: one line (control characters written as
+/// escapes), lower case first, no closing full stop.
+fn tidy(text: &str) -> String {
+    let mut tidy = String::with_capacity(text.len());
+    for (i, c) in text.trim_end_matches('.').chars().enumerate() {
+        match c {
+            '\r' => tidy.push_str("\\r"),
+            '\n' => tidy.push_str("\\n"),
+            c if c.is_control() => tidy.push(' '),
+            c if i == 0 => tidy.extend(c.to_lowercase()),
+            c => tidy.push(c),
+        }
     }
+    tidy
 }
 
 /// The header to send a target first: `source` is the device, and
@@ -289,15 +303,23 @@ mod tests {
     }
 
     #[test]
-    fn local_commands_carry_no_address() {
+    fn a_local_command_is_a_balancer_health_check() {
         let local = v2::Builder::new(0x20, 0x00).build().unwrap();
         assert_eq!(
             parse(&local, AcceptProxyProtocol::V2),
-            Parsed::Header {
-                length: 16,
-                source: None,
-                destination: None
-            }
+            Parsed::Local { length: 16 }
+        );
+    }
+
+    #[test]
+    fn reasons_stay_on_one_line() {
+        let header = b"PROXY TCP4 192.0.2.1 192.0.2.2 1000 2000 \r\n";
+        let Parsed::Invalid(why) = parse(header, AcceptProxyProtocol::V1) else {
+            panic!("a trailing space must be refused");
+        };
+        assert!(
+            !why.contains(['\r', '\n']) && !why.ends_with('.'),
+            "{why:?}"
         );
     }
 }

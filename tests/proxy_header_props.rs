@@ -25,6 +25,7 @@ fn check_invariants(input: &[u8], mode: AcceptProxyProtocol) -> Result<(), TestC
             prop_assert!(length <= MAX_HEADER);
             prop_assert!(length >= 16 || input.starts_with(b"PROXY "));
         }
+        Parsed::Local { length } => prop_assert!((16..=input.len()).contains(&length)),
         Parsed::Incomplete => prop_assert!(input.len() < MAX_HEADER),
         Parsed::Invalid(why) => prop_assert!(!why.is_empty()),
     }

@@ -7,7 +7,8 @@
 //! device; bytes after it in the same read are the device's first packet.
 //! A bad, oversized, cut or late header ends the connection with reason
 //! `bad proxy protocol header: ...` (after its event 1, with the socket's
-//! own peer).
+//! own peer). A v2 LOCAL header is the balancer's health check: its events
+//! are written, but no target is connected for it.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -57,7 +58,8 @@ impl Connection {
                         length,
                         source,
                         destination,
-                    } => self.header_read(length, source, destination, ctx),
+                    } => self.header_read(length, source, destination, true, ctx),
+                    Parsed::Local { length } => self.header_read(length, None, None, false, ctx),
                 }
                 true
             }
@@ -85,11 +87,15 @@ impl Connection {
         }
     }
 
+    /// A header of `length` bytes was read. `relayed` is false for a v2
+    /// LOCAL header, a balancer's health check: it is recorded like any
+    /// connection, but no target is connected for it.
     fn header_read(
         &mut self,
         length: usize,
         source: Option<SocketAddr>,
         destination: Option<SocketAddr>,
+        relayed: bool,
         ctx: &mut Context<'_>,
     ) {
         let Some(wait) = self.header.take() else {
@@ -103,7 +109,10 @@ impl Connection {
         }
         // The header is the balancer's, not the device's.
         self.device.received = self.device.received.saturating_sub(length as u64);
-        self.start(ctx);
+        match relayed {
+            true => self.start(ctx),
+            false => ctx.journal.connected(self.origin, DEVICE, None),
+        }
         let rest = &wait.bytes[length..];
         if !rest.is_empty() && self.ending.is_none() {
             self.last_activity = ctx.now;
