@@ -279,7 +279,10 @@ impl Control {
             Err(e) => return error_reply(&format!("not a request: {e}")),
         };
         match (request.command.as_str(), request.ident) {
-            ("list", _) => json!({"ok": true, "connections": self.list()}),
+            ("list", _) => match self.list() {
+                Ok(connections) => json!({"ok": true, "connections": connections}),
+                Err(why) => error_reply(&why),
+            },
             ("stats", _) => json!({"ok": true, "stats": self.snapshot(), "targets": self.targets}),
             ("close", Some(ident)) => self.close(&ident),
             ("close", None) => error_reply("close needs an ident"),
@@ -289,7 +292,9 @@ impl Control {
         }
     }
 
-    fn list(&self) -> Vec<ConnectionReport> {
+    /// Every worker's connections; an error if a worker did not answer in
+    /// time (it is waiting for the message writer: a full disk?).
+    fn list(&self) -> Result<Vec<ConnectionReport>, String> {
         let (reply, answers) = crossbeam_channel::unbounded();
         let asked = self
             .workers
@@ -302,14 +307,14 @@ impl Control {
             .count();
         let deadline = Instant::now() + WORKER_ANSWER_WAIT;
         let mut all = Vec::new();
-        for _ in 0..asked {
+        for answered in 0..asked {
             match answers.recv_deadline(deadline) {
                 Ok(reports) => all.extend(reports),
-                Err(_) => break,
+                Err(_) => return Err(busy_workers(asked - answered, asked)),
             }
         }
         all.sort_by(|a: &ConnectionReport, b| b.age_seconds.total_cmp(&a.age_seconds));
-        all
+        Ok(all)
     }
 
     fn close(&self, ident: &str) -> Value {
@@ -331,11 +336,19 @@ impl Control {
             })
             .count();
         let deadline = Instant::now() + WORKER_ANSWER_WAIT;
-        let found = (0..asked).any(|_| answers.recv_deadline(deadline).unwrap_or(false));
-        match found {
-            true => json!({"ok": true, "closed": ident}),
-            false => error_reply(&format!("no open connection with ident {ident}")),
+        for answered in 0..asked {
+            match answers.recv_deadline(deadline) {
+                Ok(true) => return json!({"ok": true, "closed": ident}),
+                Ok(false) => {}
+                Err(_) => {
+                    let busy = busy_workers(asked - answered, asked);
+                    return error_reply(&format!(
+                        "{busy}; the close is queued and may still happen"
+                    ));
+                }
+            }
         }
+        error_reply(&format!("no open connection with ident {ident}"))
     }
 
     fn write_metrics(&self) {
@@ -375,6 +388,14 @@ impl Control {
             let _ = fs::remove_file(path);
         }
     }
+}
+
+fn busy_workers(silent: usize, asked: usize) -> String {
+    format!(
+        "{silent} of {asked} workers did not answer within {}s (are they waiting for the \
+         message writer? see the log, and `ctl stats` for write errors)",
+        WORKER_ANSWER_WAIT.as_secs()
+    )
 }
 
 fn count_drops(snapshot: &Snapshot) -> u64 {

@@ -12,7 +12,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
 use log::{error, info, warn};
@@ -34,9 +34,9 @@ use crate::worker::{Command, READ_BUFFER, Worker, WorkerHandle, WorkerSetup};
 /// Batches the writer may hold back before the workers wait.
 const STORE_QUEUE: usize = 32;
 
-/// Why the daemon could not start.
+/// Why the daemon could not start, or did not stop cleanly.
 #[derive(Debug, thiserror::Error)]
-pub enum StartError {
+pub enum DaemonError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot listen on {address}: {source}")]
@@ -48,25 +48,37 @@ pub enum StartError {
     Control { path: PathBuf, source: io::Error },
     #[error("cannot start: {0}")]
     Io(#[from] io::Error),
+    #[error("{0} messages could not be written before exiting (see the log)")]
+    Lost(u64),
 }
 
-impl StartError {
+impl DaemonError {
     /// 2 for what the user must fix in the configuration, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            StartError::Store(_) => 2,
-            StartError::Listen { .. } | StartError::Control { .. } | StartError::Io(_) => 1,
+            DaemonError::Store(_) => 2,
+            DaemonError::Listen { .. }
+            | DaemonError::Control { .. }
+            | DaemonError::Io(_)
+            | DaemonError::Lost(_) => 1,
         }
     }
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
-pub fn run(config: Config) -> Result<(), StartError> {
+pub fn run(config: Config) -> Result<(), DaemonError> {
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     let mut registry = Registry::default();
-    let store = Store::open(StoreSettings::new(&config), Arc::clone(&registry.writer))?;
-    info!("writing messages to {}", store.path().display());
+    // The control socket first: a second daemon started by mistake on a live
+    // one's folder stops here, before touching the folder.
     let control_socket = bind_control_socket(&config)?;
+    let stopping = Arc::new(AtomicBool::new(false));
+    let store = Store::open(
+        StoreSettings::new(&config),
+        Arc::clone(&registry.writer),
+        Arc::clone(&stopping),
+    )?;
+    info!("writing messages to {}", store.path().display());
     log_descriptor_room(&config);
     let listeners = bind_all(&config.listen)?;
 
@@ -147,6 +159,7 @@ pub fn run(config: Config) -> Result<(), StartError> {
         }
     }
 
+    stopping.store(true, Ordering::SeqCst);
     acceptor.stop();
     join("acceptor", acceptor_thread);
     for handle in &handles {
@@ -159,18 +172,24 @@ pub fn run(config: Config) -> Result<(), StartError> {
     join("control", control_thread);
     drop(handles);
     drop(store_sender);
-    join("writer", writer);
+    let lost = writer.join().unwrap_or_else(|_| {
+        error!("the writer thread panicked");
+        0
+    });
     info!("stopped");
-    Ok(())
+    match lost {
+        0 => Ok(()),
+        lost => Err(DaemonError::Lost(lost)),
+    }
 }
 
 fn bind_control_socket(
     config: &Config,
-) -> Result<Option<(PathBuf, mio::net::UnixListener)>, StartError> {
+) -> Result<Option<(PathBuf, mio::net::UnixListener)>, DaemonError> {
     let Some(path) = &config.control_socket else {
         return Ok(None);
     };
-    let listener = control::bind(path).map_err(|source| StartError::Control {
+    let listener = control::bind(path).map_err(|source| DaemonError::Control {
         path: path.clone(),
         source,
     })?;
@@ -189,14 +208,14 @@ fn log_descriptor_room(config: &Config) {
     }
 }
 
-fn bind_all(addresses: &[SocketAddr]) -> Result<Vec<TcpListener>, StartError> {
+fn bind_all(addresses: &[SocketAddr]) -> Result<Vec<TcpListener>, DaemonError> {
     let mut listeners = Vec::new();
     for &address in addresses {
         let listener =
-            TcpListener::bind(address).map_err(|source| StartError::Listen { address, source })?;
+            TcpListener::bind(address).map_err(|source| DaemonError::Listen { address, source })?;
         let local = listener
             .local_addr()
-            .map_err(|source| StartError::Listen { address, source })?;
+            .map_err(|source| DaemonError::Listen { address, source })?;
         info!("listening on {local}");
         listeners.push(listener);
     }

@@ -79,12 +79,19 @@ pub fn rotated_files(dir: &Path) -> io::Result<Vec<RotatedFile>> {
     Ok(files)
 }
 
-/// A free name for a file rotated now.
+/// The name for a file rotated now: a counter one past the highest of
+/// this second's names still in `dir`, so that a name freed by retention
+/// is never reused out of order.
 pub fn next_rotated_path(dir: &Path, now: SystemTime) -> PathBuf {
-    (0..)
-        .map(|counter| dir.join(rotated_name(now, counter)))
-        .find(|path| !path.exists())
-        .unwrap_or_else(|| dir.join(rotated_name(now, u32::MAX)))
+    let second = parse_rotated_name(&rotated_name(now, 0)).map(|(time, _)| time);
+    let highest = rotated_files(dir)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|file| Some(file.rotated_at) == second)
+        .map(|file| file.counter)
+        .max();
+    let counter = highest.map_or(0, |c| c.saturating_add(1));
+    dir.join(rotated_name(now, counter))
 }
 
 /// The rotated files to delete: beyond the newest `keep` ones, or rotated
@@ -145,6 +152,25 @@ mod tests {
         ] {
             assert_eq!(parse_rotated_name(foreign), None, "{foreign}");
         }
+    }
+
+    #[test]
+    fn a_name_freed_by_retention_in_the_same_second_is_not_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = at(1_795_000_000);
+        for counter in [1, 2] {
+            std::fs::File::create(dir.path().join(rotated_name(now, counter))).unwrap();
+        }
+        // Counter 0 was deleted by retention; the next must still sort last.
+        assert_eq!(
+            next_rotated_path(dir.path(), now),
+            dir.path().join(rotated_name(now, 3))
+        );
+        let later = at(1_795_000_001);
+        assert_eq!(
+            next_rotated_path(dir.path(), later),
+            dir.path().join(rotated_name(later, 0))
+        );
     }
 
     #[test]

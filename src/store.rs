@@ -8,14 +8,20 @@
 //! with backoff while the channel fills up and holds the workers back:
 //! nothing that entered the channel is dropped. Rotation and shutdown fsync
 //! the file and the folder. If `messages.jsonl` is moved or deleted under it
-//! (logrotate), the writer notices within a second and starts a new one.
+//! (logrotate), the writer notices before its next write and starts a new
+//! one. One exception to "nothing is dropped": when the daemon is stopping
+//! and writes have failed for SHUTDOWN_GRACE, the rest is given up, logged
+//! and counted, so that a full disk cannot keep the daemon from exiting. A
+//! lock file keeps a second daemon out of the folder.
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
@@ -32,6 +38,11 @@ const WRITE_CHUNK: usize = 1 << 20;
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 const RETRY_FIRST: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// While stopping, how long failing writes are retried before the rest is
+/// given up (a full disk must not keep the daemon from exiting forever).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Held locked by the daemon that writes in the folder.
+const LOCK_FILE: &str = ".lock";
 
 /// The data folder cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +91,12 @@ pub struct Store {
     /// Error kinds already logged since the last successful write.
     reported: HashSet<io::ErrorKind>,
     rotate_retry_at: Option<Instant>,
+    /// Set by the daemon when it starts to stop.
+    stopping: Arc<AtomicBool>,
+    stopping_seen: Option<Instant>,
+    lost: u64,
+    /// The folder's lock, held for the writer's life.
+    _lock: File,
     /// Lines in `pending`.
     pending_lines: u64,
     lines_written: u64,
@@ -88,12 +105,17 @@ pub struct Store {
 
 impl Store {
     /// Creates the folder if needed and opens the current file for append.
-    pub fn open(settings: StoreSettings, counters: Arc<Counters>) -> Result<Store, StoreError> {
+    pub fn open(
+        settings: StoreSettings,
+        counters: Arc<Counters>,
+        stopping: Arc<AtomicBool>,
+    ) -> Result<Store, StoreError> {
         let fail = |source| StoreError {
             dir: settings.dir.clone(),
             source,
         };
         fs::create_dir_all(&settings.dir).map_err(fail)?;
+        let lock = lock_folder(&settings.dir).map_err(fail)?;
         let path = settings.dir.join(CURRENT);
         let current = open_current(&path).map_err(fail)?;
         let mut store = Store {
@@ -103,6 +125,10 @@ impl Store {
             pending: Vec::with_capacity(WRITE_CHUNK),
             reported: HashSet::new(),
             rotate_retry_at: None,
+            stopping,
+            stopping_seen: None,
+            lost: 0,
+            _lock: lock,
             pending_lines: 0,
             lines_written: 0,
             counters,
@@ -115,8 +141,10 @@ impl Store {
         &self.path
     }
 
-    /// The writer loop; returns once every sender is gone and all is synced.
-    pub fn run(mut self, receiver: Receiver<StoreCommand>) {
+    /// The writer loop; returns once every sender is gone and all is
+    /// synced, with the number of messages that could not be written (only
+    /// ever above 0 when writes kept failing while the daemon was stopping).
+    pub fn run(mut self, receiver: Receiver<StoreCommand>) -> u64 {
         let mut last_housekeeping = Instant::now();
         loop {
             match receiver.recv_timeout(HOUSEKEEPING_EVERY) {
@@ -141,6 +169,7 @@ impl Store {
         self.write_pending();
         self.sync("shutdown");
         info!("message writer stopped after {} lines", self.lines_written);
+        self.lost
     }
 
     fn apply(&mut self, command: StoreCommand) {
@@ -167,8 +196,8 @@ impl Store {
         let mut backoff = RETRY_FIRST;
         let mut written = 0;
         while written < self.pending.len() {
-            match self.current.file.write(&self.pending[written..]) {
-                Ok(0) => self.write_failed(io::ErrorKind::WriteZero.into(), &mut backoff),
+            let error = match self.current.file.write(&self.pending[written..]) {
+                Ok(0) => io::ErrorKind::WriteZero.into(),
                 Ok(n) => {
                     written += n;
                     self.current.size += n as u64;
@@ -176,10 +205,16 @@ impl Store {
                         self.reported.clear();
                         info!("writing messages to {} again", self.path.display());
                     }
+                    continue;
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => self.write_failed(e, &mut backoff),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => e,
+            };
+            if self.out_of_grace() {
+                self.give_up(&error);
+                return;
             }
+            self.write_failed(error, &mut backoff);
         }
         self.pending.clear();
         self.lines_written += self.pending_lines;
@@ -189,6 +224,27 @@ impl Store {
         );
     }
 
+    /// Whether the daemon is stopping and writes have failed for longer
+    /// than SHUTDOWN_GRACE since: then waiting on would never end.
+    fn out_of_grace(&mut self) -> bool {
+        if !self.stopping.load(Ordering::SeqCst) {
+            return false;
+        }
+        let since = *self.stopping_seen.get_or_insert_with(Instant::now);
+        since.elapsed() >= SHUTDOWN_GRACE
+    }
+
+    /// Drops what cannot be written at shutdown, and says so.
+    fn give_up(&mut self, error: &io::Error) {
+        error!(
+            "stopping: {} messages could not be written to {}: {error}",
+            self.pending_lines,
+            self.path.display()
+        );
+        self.lost += std::mem::take(&mut self.pending_lines);
+        self.pending.clear();
+    }
+
     fn write_failed(&mut self, error: io::Error, backoff: &mut Duration) {
         stats::add(&self.counters.write_errors, 1);
         if self.reported.insert(error.kind()) {
@@ -196,6 +252,10 @@ impl Store {
                 "cannot write messages to {}: {error}; retrying, nothing is dropped",
                 self.path.display()
             );
+        }
+        if self.stopping.load(Ordering::SeqCst) {
+            // Check the shutdown grace often.
+            *backoff = (*backoff).min(Duration::from_millis(200));
         }
         std::thread::sleep(*backoff);
         *backoff = (*backoff * 2).min(RETRY_MAX);
@@ -332,6 +392,28 @@ fn open_current(path: &Path) -> io::Result<Current> {
         size,
         opened_at,
     })
+}
+
+/// Takes the folder's lock file, so that two daemons never write one
+/// folder (the second one stops at start).
+fn lock_folder(dir: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK_FILE))?;
+    // SAFETY: flock on a descriptor we own; it is released when the file closes.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let error = io::Error::last_os_error();
+        if error.kind() == io::ErrorKind::WouldBlock {
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                "another proxy-channel is writing in it",
+            ));
+        }
+        return Err(error);
+    }
+    Ok(file)
 }
 
 fn sync_dir(dir: &Path) {

@@ -628,3 +628,62 @@ fn a_stale_socket_is_replaced_a_live_one_refused_and_off_means_none() {
     let off = Daemon::start(&[]);
     assert!(!off.control_socket().exists(), "off means no socket");
 }
+
+/// While the disk is full the workers wait on the writer; `ctl list` and
+/// `ctl close` must then not give a wrong answer as if it were right:
+/// list must show every open connection (or fail), and close of an open
+/// connection must not say there is none (and then close it anyway).
+#[test]
+fn ctl_list_and_close_do_not_give_wrong_answers_while_the_disk_is_full() {
+    let disk = Tmpfs::mount("4m");
+    let elsewhere = tempfile::tempdir().unwrap();
+    let socket = elsewhere.path().join("control.sock");
+    let daemon = Daemon::start_in(
+        disk.path(),
+        &[("PROXY_CONTROL_SOCKET", socket.to_str().unwrap())],
+    );
+    let victim = Device::connect(daemon.addr());
+    let mut log = daemon.log();
+    let ident = log.wait_ident(victim.name(), secs(5));
+    let devices: Vec<Device> = (0..4).map(|_| Device::connect(daemon.addr())).collect();
+    let (filler, _) = disk.fill("filler.bin");
+    let pace = Pace {
+        every: millis(20),
+        sizes: 100..=1000,
+        threads: 1,
+        limit: secs(30),
+    };
+    let load = Load::start(devices, &pace, 1);
+    daemon.wait_log("cannot write messages to ", 1, secs(10));
+    // Wait until the writer's queue is full and the workers wait.
+    let made = || ctl_json(&socket, &["stats"])["stats"]["messages_queued"].as_u64();
+    let mut last = made();
+    let stalled = poll_until(secs(10), || {
+        std::thread::sleep(millis(250));
+        let now = made();
+        std::mem::replace(&mut last, now) == now
+    });
+    assert!(stalled, "the workers never waited");
+    let open = ctl_json(&socket, &["stats"])["stats"]["connections_open"].as_u64();
+    let started = Instant::now();
+    let list = run_ctl(&socket, &["list", "--json"]);
+    let close = run_ctl(&socket, &["close", &ident]);
+    fs::remove_file(&filler).unwrap();
+    drop(load);
+    if list.status.success() {
+        let reply: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+        let listed = reply["connections"].as_array().unwrap().len() as u64;
+        assert_eq!(
+            Some(listed),
+            open,
+            "ctl list answered ok with {listed} connections while stats says {open:?} are open \
+             (after {:?})",
+            started.elapsed()
+        );
+    }
+    assert!(
+        !close.stderr.contains("no open connection"),
+        "ctl close {ident} of an open connection said: {}",
+        close.stderr
+    );
+}

@@ -543,3 +543,141 @@ fn a_full_disk_is_logged_and_retried_and_nothing_is_lost_once_there_is_room() {
     assert!(assert_device_stream(&log, early.name(), early_bytes).is_some());
     assert!(assert_device_stream(&log, late.name(), b"after the recovery").is_some());
 }
+
+/// Five SIGHUP rotations as fast as they come (several in one second, as
+/// under load with a small PROXY_ROTATE_SIZE), PROXY_RETAIN_FILES=3: the
+/// three newest must stay.
+#[test]
+fn retention_keeps_the_newest_files_when_several_rotate_in_one_second() {
+    let daemon = Daemon::start(&[("PROXY_RETAIN_FILES", "3")]);
+    let mut device = Device::connect(daemon.addr());
+    let mut made: Vec<PathBuf> = Vec::new();
+    for round in 1..=5usize {
+        let marker = format!("<round {round}>").into_bytes();
+        device.send(&marker);
+        wait_until(secs(5), "the marker in messages.jsonl", || {
+            current_file_has(&daemon, &marker)
+        });
+        daemon.signal(libc::SIGHUP);
+        let lines = daemon.wait_log("rotated messages.jsonl to ", round, secs(3));
+        let path = lines[round - 1]
+            .split_once(" to ")
+            .and_then(|(_, rest)| rest.split_once(" (SIGHUP, "))
+            .map(|(path, _)| PathBuf::from(path))
+            .unwrap();
+        made.push(path);
+    }
+    // Retention runs right after the rotation's log line: wait for it.
+    daemon.wait_log("(retention)", 2, secs(3));
+    let kept = rotated_files(daemon.data_dir());
+    let newest: Vec<String> = (3..=5).map(|r| format!("<round {r}>")).collect();
+    let held: Vec<String> = kept
+        .iter()
+        .map(|p| String::from_utf8(device_bytes_in(p)).unwrap())
+        .collect();
+    assert_eq!(
+        held, newest,
+        "expected the three newest rounds to stay; rotated (oldest first) {made:?}, kept {kept:?}"
+    );
+}
+
+/// A second daemon started by mistake on a live daemon's folder is refused
+/// (control socket in use), and must not have touched that folder first:
+/// here, its PROXY_RETAIN_FILES=1 must not delete the first one's files.
+#[test]
+fn a_refused_second_daemon_deletes_none_of_the_live_ones_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("control.sock");
+    let names: Vec<String> = (1..=4)
+        .map(|day| format!("messages-2026112{day}T000000Z.jsonl"))
+        .collect();
+    for name in &names {
+        fs::write(dir.path().join(name), "{}\n").unwrap();
+    }
+    let _live = Daemon::start_in(
+        dir.path(),
+        &[("PROXY_CONTROL_SOCKET", socket.to_str().unwrap())],
+    );
+    let second = run_to_exit(
+        &[],
+        &[
+            ("PROXY_LISTEN", "127.0.0.1:0"),
+            ("PROXY_DATA_DIR", dir.path().to_str().unwrap()),
+            ("PROXY_CONTROL_SOCKET", socket.to_str().unwrap()),
+            ("PROXY_RETAIN_FILES", "1"),
+        ],
+        secs(10),
+    );
+    assert_eq!(second.status.code(), Some(1), "{second:?}");
+    let left: Vec<String> = rotated_files(dir.path())
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        left, names,
+        "the refused daemon deleted files:\n{}",
+        second.stderr
+    );
+}
+
+/// SIGTERM while the disk is full: the daemon cannot keep "nothing lost"
+/// and "exit within a few seconds" both. It retries for a grace period,
+/// then gives up what it cannot write, says how much in its log, and exits
+/// with status 1 (not 0) instead of hanging.
+#[test]
+fn sigterm_on_a_full_disk_exits_after_a_grace_period_and_says_what_was_lost() {
+    let disk = Tmpfs::mount("4m");
+    let mut daemon = Daemon::start_in(disk.path(), &[("PROXY_CONTROL_SOCKET", "off")]);
+    let (_filler, _) = disk.fill("filler.bin");
+    let devices: Vec<Device> = (0..4).map(|_| Device::connect(daemon.addr())).collect();
+    let pace = Pace {
+        every: millis(20),
+        sizes: 100..=1000,
+        threads: 1,
+        limit: secs(30),
+    };
+    let load = Load::start(devices, &pace, 6_000);
+    daemon.wait_log("cannot write messages to ", 1, secs(10));
+    let asked = Instant::now();
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait_exit(secs(20));
+    drop(load);
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "expected exit status 1 within 20 s of SIGTERM on a full disk, saw {status:?} after {:?}",
+        asked.elapsed()
+    );
+    let given_up = daemon.log_lines_with("messages could not be written to ");
+    assert!(
+        given_up
+            .iter()
+            .any(|l| l.contains(" ERROR ") && l.contains("No space left on device")),
+        "expected an ERROR line saying what could not be written, saw {given_up:?}"
+    );
+}
+
+/// Two daemons never write one folder: with no control socket to tell
+/// them apart, the folder's lock stops the second before it listens.
+#[test]
+fn a_second_daemon_on_the_same_folder_is_refused_by_its_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let _live = Daemon::start_in(dir.path(), &[("PROXY_CONTROL_SOCKET", "off")]);
+    let second = run_to_exit(
+        &[],
+        &[
+            ("PROXY_LISTEN", "127.0.0.1:0"),
+            ("PROXY_DATA_DIR", dir.path().to_str().unwrap()),
+            ("PROXY_CONTROL_SOCKET", "off"),
+        ],
+        secs(10),
+    );
+    assert_eq!(second.status.code(), Some(2), "{second:?}");
+    let lines: Vec<&str> = second.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line, saw {lines:?}");
+    assert!(
+        lines[0].contains("PROXY_DATA_DIR=")
+            && lines[0].contains("another proxy-channel is writing in it"),
+        "{lines:?}"
+    );
+}
