@@ -309,6 +309,25 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks / per_second)
 }
 
+/// CPU-seconds the whole machine has been busy (all CPUs together), from
+/// the `cpu` line of `/proc/stat`: user, nice, system, irq, softirq, steal.
+pub fn busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|line| line.starts_with("cpu "))?;
+    let ticks: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|field| field.parse().unwrap_or(0.0))
+        .collect();
+    let busy: f64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&i| ticks.get(i))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(busy / per_second)
+}
+
 /// Pss of a process in KiB.
 pub fn pss_kib(pid: u32) -> Option<f64> {
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;

@@ -201,21 +201,41 @@ fn with_targets(error: String, targets: Vec<Target>) -> String {
 /// Counters at one moment.
 struct Snapshot {
     at: Instant,
+    /// The proxy's CPU-seconds.
     cpu: f64,
+    /// CPU-seconds of everything but the proxy and loadgen: other
+    /// processes and kernel threads, the noise on a shared machine.
+    others: f64,
     bytes: Vec<u64>,
 }
 
 impl Snapshot {
     fn take(proxy: &mut Running, targets: &[Target]) -> Result<Snapshot, String> {
         proxy.check_alive()?;
+        let cpu = proxy.cpu_seconds();
+        let own = proxy::cpu_seconds(std::process::id()).unwrap_or(0.0);
         Ok(Snapshot {
             at: Instant::now(),
-            cpu: proxy.cpu_seconds(),
+            cpu,
+            others: proxy::busy_seconds().unwrap_or(0.0) - own - cpu,
             bytes: targets
                 .iter()
                 .map(|t| t.shared.bytes.load(Relaxed))
                 .collect(),
         })
+    }
+
+    /// Seconds from `self` to `later`.
+    fn secs(&self, later: &Snapshot) -> f64 {
+        later.at.duration_since(self.at).as_secs_f64()
+    }
+
+    /// Cores busy outside the proxy and loadgen from `self` to `later`.
+    fn others(&self, later: &Snapshot) -> Metric {
+        (
+            "other_cores",
+            (later.others - self.others) / self.secs(later),
+        )
     }
 }
 
@@ -287,7 +307,7 @@ fn stream(
     let data_dir = proxy.data_dir.clone();
     proxy.stop()?;
 
-    let secs = after.at.duration_since(before.at).as_secs_f64();
+    let secs = before.secs(&after);
     let delivered: Vec<f64> = (0..target_count)
         .map(|t| (after.bytes[t] - before.bytes[t]) as f64)
         .collect();
@@ -299,6 +319,7 @@ fn stream(
     let mut metrics = vec![
         ("goodput_mbs", mean / secs / MB),
         ("goodput_min_mbs", min / secs / MB),
+        before.others(&after),
     ];
     if kind != Kind::Direct {
         metrics.push(("cpu_s_per_gib", (after.cpu - before.cpu) / (mean / GIB)));
@@ -389,8 +410,8 @@ fn echo(kind: Kind, setup: &Setup, timing: Timing, conns: usize) -> Result<Vec<M
     if requests == 0 {
         return Err("no request completed during the measured window: stalled".into());
     }
-    let secs = after.at.duration_since(before.at).as_secs_f64();
-    let mut metrics = vec![("req_per_s", requests as f64 / secs)];
+    let secs = before.secs(&after);
+    let mut metrics = vec![("req_per_s", requests as f64 / secs), before.others(&after)];
     metrics.extend(quantiles(
         &outcome.latency,
         &[("p50_us", 0.5), ("p99_us", 0.99)],
@@ -424,11 +445,12 @@ fn trackers(kind: Kind, setup: &Setup, count: usize, secs: u32) -> Result<Vec<Me
     proxy.check_alive()?;
     let pss_idle = proxy.pss_kib();
     let sampler = PssSampler::start(proxy.pid());
-    let cpu_before = proxy.cpu_seconds();
+    let before = Snapshot::take(&mut proxy, &targets)?;
     if let Err(e) = fleet.send(secs) {
         return Err(with_targets(e, targets));
     }
-    let cpu = proxy.cpu_seconds() - cpu_before;
+    let after = Snapshot::take(&mut proxy, &targets)?;
+    let cpu = after.cpu - before.cpu;
     let pss_max = sampler.finish().max(proxy.pss_kib());
     proxy.check_alive()?;
     let sent = match fleet.close(&shared, Duration::from_secs(30)) {
@@ -443,6 +465,7 @@ fn trackers(kind: Kind, setup: &Setup, count: usize, secs: u32) -> Result<Vec<Me
         &[("p50_us", 0.5), ("p99_us", 0.99), ("p999_us", 0.999)],
     );
     metrics.push(("connect_s", connect_secs));
+    metrics.push(before.others(&after));
     if kind != Kind::Direct {
         let per_conn = |pss: f64| (pss - pss_before) / count as f64;
         metrics.push(("pss_kib_per_conn", per_conn(pss_max)));
