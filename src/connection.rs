@@ -6,9 +6,12 @@
 //! [`Connection::drive`], which moves bytes until nothing more can move (or a
 //! per-wake-up budget is spent). Invariants kept here:
 //! - bytes from the device go to every live target in order; a target's
-//!   queue never holds more than `target_buffer` bytes: for a mandatory target
-//!   the device is not read while it is full, a non-mandatory one is dropped;
-//! - replies queued for the device are bounded the same way;
+//!   queue never holds more than `target_buffer` bytes: the device is not
+//!   read while a mandatory target has anything queued (TCP holds the device
+//!   back, and bytes mostly go from socket to socket without a queue), and
+//!   a non-mandatory target that would go over is dropped;
+//! - replies are not read from the targets while the device has replies
+//!   queued;
 //! - the device's event 1 is its first message and its event 2 its last; a
 //!   target gets event 1 only once connected and always an event 2.
 
@@ -56,8 +59,6 @@ pub struct Settings {
     /// Indexed by target number - 1.
     pub targets: [Option<TargetSpec>; MAX_TARGETS],
     pub target_buffer: usize,
-    /// A paused read resumes once its queue has this much room again.
-    pub resume_space: usize,
     pub idle_timeout: Option<Duration>,
     pub connect_timeout: Duration,
     /// Whether device connections start with a PROXY protocol header.
@@ -67,7 +68,7 @@ pub struct Settings {
 }
 
 impl Settings {
-    pub fn new(config: &Config, read_buffer: usize) -> Settings {
+    pub fn new(config: &Config) -> Settings {
         let mut targets: [Option<TargetSpec>; MAX_TARGETS] = Default::default();
         for target in &config.targets {
             targets[usize::from(target.number - 1)] = Some(TargetSpec {
@@ -85,7 +86,6 @@ impl Settings {
         Settings {
             targets,
             target_buffer: config.target_buffer,
-            resume_space: read_buffer.min(config.target_buffer / 4).max(1),
             idle_timeout: config.idle_timeout,
             connect_timeout: config.connect_timeout,
             accept_proxy: config.accept_proxy_protocol,
@@ -518,25 +518,21 @@ impl Connection {
         }
     }
 
-    /// How much may be read from the device now: no more than any mandatory
-    /// target's queue can take, and nothing while one of them is (nearly)
-    /// full.
+    /// How much may be read from the device now: nothing while a mandatory
+    /// target still has bytes queued, so TCP holds the device back and a
+    /// queue never holds more than the rest of one read (bytes then go
+    /// straight from one socket to the other, not through a queue); and
+    /// never more than a target's buffer at once.
     fn device_read_limit(&self, settings: &Settings, buffer_len: usize) -> usize {
-        let mut limit = buffer_len;
-        for (index, link) in self.targets.iter().enumerate() {
-            let Some(link) = link else { continue };
-            if !target_spec(settings, index).mandatory {
-                continue;
-            }
-            let room = settings
-                .target_buffer
-                .saturating_sub(link.endpoint.queued());
-            if room < settings.resume_space {
-                return 0;
-            }
-            limit = limit.min(room);
+        let mandatory_behind = self.targets.iter().enumerate().any(|(index, link)| {
+            link.as_ref().is_some_and(|link| {
+                target_spec(settings, index).mandatory && link.endpoint.queued() > 0
+            })
+        });
+        match mandatory_behind {
+            true => 0,
+            false => buffer_len.min(settings.target_buffer),
         }
-        limit
     }
 
     fn forward_to_targets(&mut self, packet: &[u8], ctx: &mut Context<'_>) {
@@ -563,10 +559,7 @@ impl Connection {
             if self.ending.is_some() {
                 break;
             }
-            let room = ctx
-                .settings
-                .target_buffer
-                .saturating_sub(self.device.queued());
+            let device_behind = self.device.queued() > 0;
             let Some(link) = &mut self.targets[index] else {
                 continue;
             };
@@ -574,9 +567,10 @@ impl Connection {
                 continue;
             }
             let spec = target_spec(ctx.settings, index);
+            // Replies wait while the device has not taken the last ones.
             let limit = match spec.replies {
-                true if room < ctx.settings.resume_space => continue,
-                true => room.min(buffer.len()),
+                true if device_behind => continue,
+                true => ctx.settings.target_buffer.min(buffer.len()),
                 false => buffer.len(),
             };
             let outcome = link.endpoint.read(&mut buffer[..limit]);

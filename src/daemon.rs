@@ -29,10 +29,10 @@ use crate::limits;
 use crate::resolver;
 use crate::stats::{Counters, Registry};
 use crate::store::{Store, StoreError, StoreSettings};
-use crate::worker::{Command, READ_BUFFER, Worker, WorkerHandle, WorkerSetup};
+use crate::worker::{Command, Worker, WorkerHandle, WorkerSetup};
 
 /// Batches the writer may hold back before the workers wait.
-const STORE_QUEUE: usize = 32;
+const STORE_QUEUE: usize = 64;
 
 /// Why the daemon could not start, or did not stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +92,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         store: config.store,
         max_payload: config.max_payload,
     };
-    let settings = Arc::new(Settings::new(&config, READ_BUFFER));
+    let settings = Arc::new(Settings::new(&config));
     let addresses = initial_addresses(&config);
     let open_connections = Arc::new(AtomicUsize::new(0));
 

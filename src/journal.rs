@@ -11,7 +11,7 @@ use log::error;
 
 use std::sync::Arc;
 
-use crate::message::{Event, Hex, Message, Origin, now_timestamp};
+use crate::message::{Event, Message, Micros, Origin};
 use crate::stats::{self, Counters};
 
 /// A batch is sent once it holds this many bytes (or at the end of a loop
@@ -83,7 +83,7 @@ impl Journal {
         let mut message = self.message(origin, Event::Data, source, target);
         message.payload_size = Some(payload.len());
         if payload.len() as u64 <= self.settings.max_payload {
-            message.payload_hex = Some(Hex(payload));
+            message.payload = Some(payload);
         }
         self.write(&message);
     }
@@ -126,7 +126,7 @@ impl Journal {
         source: u8,
         target: Option<&'a str>,
     ) -> Message<'a> {
-        let now = now_timestamp();
+        let time = Micros::now();
         Message {
             channel_id: self.settings.channel_id,
             protocol_id: self.settings.protocol_id,
@@ -135,9 +135,8 @@ impl Journal {
             event: event as u8,
             source,
             payload_size: None,
-            payload_hex: None,
-            server_timestamp: now,
-            timestamp: now,
+            payload: None,
+            time,
             target,
             reason: None,
             bytes_received: None,
@@ -146,20 +145,10 @@ impl Journal {
     }
 
     fn write(&mut self, message: &Message<'_>) {
-        let line_start = self.batch.len();
-        match serde_json::to_writer(&mut self.batch, message) {
-            Ok(()) => {
-                self.batch.push(b'\n');
-                self.count += 1;
-                stats::add(&self.counters.messages, 1);
-            }
-            Err(e) => {
-                // Cannot happen for this struct written to memory; keep the
-                // batch made of whole lines if it ever does.
-                self.batch.truncate(line_start);
-                error!("cannot serialise a message: {e}");
-            }
-        }
+        message.write_json(&mut self.batch);
+        self.batch.push(b'\n');
+        self.count += 1;
+        stats::add(&self.counters.messages, 1);
         if self.batch.len() >= BATCH_BYTES {
             self.flush();
         }

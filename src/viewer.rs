@@ -15,7 +15,7 @@ use std::time::Duration;
 use jiff::tz::TimeZone;
 
 use crate::filter::Filter;
-use crate::message::{DEVICE, StoredMessage, now_timestamp};
+use crate::message::{DEVICE, Micros, StoredMessage};
 use crate::reader::{LineReader, ReadError, message_files, report_skipped};
 use crate::rotation::CURRENT;
 
@@ -363,7 +363,7 @@ pub fn write_text(out: &mut dyn Write, bytes: &[u8]) -> io::Result<()> {
 
 /// Seconds since the epoch now, for relative `--since`/`--until`.
 pub fn now() -> f64 {
-    now_timestamp()
+    Micros::now().as_seconds()
 }
 
 #[cfg(test)]
