@@ -19,6 +19,7 @@ use log::{error, info, warn};
 use mio::net::TcpListener;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::acceptor::{Acceptor, AcceptorSetup};
 use crate::config::{Config, MAX_TARGETS};
@@ -30,6 +31,9 @@ use crate::resolver;
 use crate::stats::{Counters, Registry};
 use crate::store::{Store, StoreError, StoreSettings};
 use crate::worker::{Command, Worker, WorkerHandle, WorkerSetup};
+
+/// The listening sockets' accept queue (capped by net.core.somaxconn).
+const ACCEPT_QUEUE: i32 = 8192;
 
 /// Batches the writer may hold back before the workers wait.
 const STORE_QUEUE: usize = 64;
@@ -211,8 +215,7 @@ fn log_descriptor_room(config: &Config) {
 fn bind_all(addresses: &[SocketAddr]) -> Result<Vec<TcpListener>, DaemonError> {
     let mut listeners = Vec::new();
     for &address in addresses {
-        let listener =
-            TcpListener::bind(address).map_err(|source| DaemonError::Listen { address, source })?;
+        let listener = listen(address).map_err(|source| DaemonError::Listen { address, source })?;
         let local = listener
             .local_addr()
             .map_err(|source| DaemonError::Listen { address, source })?;
@@ -220,6 +223,23 @@ fn bind_all(addresses: &[SocketAddr]) -> Result<Vec<TcpListener>, DaemonError> {
         listeners.push(listener);
     }
     Ok(listeners)
+}
+
+/// A listening socket with a long accept queue: when a fleet reconnects at
+/// once (after a network outage or a restart), a short queue drops SYNs and
+/// devices wait seconds for their retransmits. The kernel caps the length
+/// at net.core.somaxconn.
+fn listen(address: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(ACCEPT_QUEUE)?;
+    Ok(TcpListener::from_std(socket.into()))
 }
 
 /// Each target's address at start; a name that does not resolve yet is
