@@ -14,6 +14,7 @@
 //! Everything runs on loopback, on std threads and mio, each load bounded
 //! in time.
 
+mod capacity;
 mod device;
 mod proxy;
 mod report;

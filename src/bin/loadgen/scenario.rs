@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
+use crate::capacity;
 use crate::device::Devices;
 use crate::proxy::{self, Kind, Running, Setup};
 use crate::store;
@@ -39,6 +40,8 @@ pub enum What {
     /// Store on: devices sending 100-byte packets, one per write, in total
     /// `rate` per second (all devices in step) or as fast as they can.
     StoreSmall { conns: usize, rate: Option<f64> },
+    /// The store alone (journal and writer), fed 100-byte packets.
+    StoreCapacity,
     /// 100-byte request, 100-byte echo, one at a time per connection.
     Echo { conns: usize },
     /// Thousands of devices, one 100-byte packet per second each.
@@ -75,6 +78,7 @@ pub const CASES: &[Case] = &[
     Case { name: "store-3t-8c", proxies: PC, what: streams(3, 8, true) },
     Case { name: "store-100b", proxies: PC, what: What::StoreSmall { conns: 1000, rate: Some(500_000.0) } },
     Case { name: "store-100b-max", proxies: PC, what: What::StoreSmall { conns: 100, rate: None } },
+    Case { name: "store-capacity", proxies: PC, what: What::StoreCapacity },
     Case { name: "echo-1c", proxies: ALL, what: What::Echo { conns: 1 } },
     Case { name: "echo-50c", proxies: ALL, what: What::Echo { conns: 50 } },
     Case { name: "trackers", proxies: ALL, what: What::Trackers { devices: 9000, secs: 20 } },
@@ -127,6 +131,7 @@ pub fn run(case: &Case, kind: Kind, setup: &Setup, timing: Timing) -> Result<Vec
             store,
         } => stream(kind, setup, timing, targets, conns, store),
         What::StoreSmall { conns, rate } => store_small(setup, timing, conns, rate),
+        What::StoreCapacity => store_capacity(setup, timing),
         What::Echo { conns } => echo(kind, setup, timing, conns),
         What::Trackers { devices, secs } => {
             let (devices, secs) = timing.trackers.unwrap_or((devices, secs));
@@ -387,6 +392,13 @@ fn store_small(
         ("packets_per_s", (sent as f64 / 100.0) / traffic),
         ("file_mbs", stored.bytes as f64 / traffic / MB),
     ])
+}
+
+fn store_capacity(setup: &Setup, timing: Timing) -> Result<Vec<Metric>, String> {
+    let dir = setup.work_dir.join("store-capacity");
+    let figures = capacity::run(&dir, setup.threads, timing.measure);
+    remove_dir(&dir);
+    figures
 }
 
 fn echo(kind: Kind, setup: &Setup, timing: Timing, conns: usize) -> Result<Vec<Metric>, String> {

@@ -1,0 +1,99 @@
+//! The store's own capacity: the daemon's journal and file writer (the
+//! library's code, exactly as the daemon runs it), fed 100-byte packets by
+//! as many producer threads as the daemon has workers, with no sockets in
+//! between. End to end, one message is one read from a device socket, so
+//! how many messages a second reach the file through the daemon depends on
+//! the syscalls around it (the store-100b cases); this case measures what
+//! the store itself sustains. Every message produced must be in the files,
+//! whole: a message short is a failure, not a figure.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use proxy_channel::journal::{Journal, JournalSettings};
+use proxy_channel::message::{Ident, Origin};
+use proxy_channel::stats::Counters;
+use proxy_channel::store::{Store, StoreSettings};
+
+use crate::scenario::Metric;
+use crate::store;
+
+const PAYLOAD: usize = 100;
+/// Messages between two hand-overs of a batch, like one busy poll-loop
+/// iteration of a worker.
+const PER_ITERATION: usize = 256;
+
+/// Runs `producers` threads for `window`, then checks the files in `dir`.
+pub fn run(dir: &Path, producers: usize, window: Duration) -> Result<Vec<Metric>, String> {
+    let settings = StoreSettings {
+        dir: dir.to_path_buf(),
+        rotate_size: 64 << 20,
+        rotate_interval: Duration::from_secs(3600),
+        retain_files: 10_000,
+        retain_age: Duration::from_secs(86_400),
+    };
+    let store = Store::open(settings, Arc::default(), Arc::new(AtomicBool::new(false)))
+        .map_err(|e| e.to_string())?;
+    let (sender, receiver) = crossbeam_channel::bounded(64);
+    let writer = std::thread::spawn(move || store.run(receiver));
+    let journal_settings = JournalSettings {
+        channel_id: 1,
+        protocol_id: 0,
+        store: true,
+        max_payload: 2 << 20,
+    };
+    let started = Instant::now();
+    let deadline = started + window;
+    let threads: Vec<_> = (0..producers)
+        .map(|p| {
+            let journal = Journal::new(
+                sender.clone(),
+                journal_settings,
+                Arc::new(Counters::default()),
+            );
+            std::thread::spawn(move || produce(journal, p, deadline))
+        })
+        .collect();
+    drop(sender);
+    let mut produced = 0u64;
+    for thread in threads {
+        produced += thread.join().map_err(|_| "a producer panicked")?;
+    }
+    let lost = writer.join().map_err(|_| "the writer panicked")?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let stored = store::scan(dir)?;
+    if lost > 0
+        || stored.device_messages != produced
+        || stored.device_payload != produced * PAYLOAD as u64
+    {
+        return Err(format!(
+            "produced {produced} messages, the files hold {} ({} payload bytes), {lost} lost",
+            stored.device_messages, stored.device_payload
+        ));
+    }
+    Ok(vec![
+        ("store_capacity_msgs_per_s", produced as f64 / elapsed),
+        ("file_mbs", stored.bytes as f64 / elapsed / 1e6),
+    ])
+}
+
+/// Makes messages until the deadline; returns how many.
+fn produce(mut journal: Journal, producer: usize, deadline: Instant) -> u64 {
+    let mut payload = [0u8; PAYLOAD];
+    let origin = Origin {
+        ident: Ident(0x5eed_0000_0000_0000 | producer as u64),
+        peer: ([10, 0, 0, 1], 40_000 + producer as u16).into(),
+    };
+    let mut made = 0u64;
+    while Instant::now() < deadline {
+        for _ in 0..PER_ITERATION {
+            payload[..8].copy_from_slice(&made.to_le_bytes());
+            journal.data(origin, 0, None, &payload);
+            made += 1;
+        }
+        journal.flush();
+    }
+    made
+}
