@@ -17,7 +17,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
@@ -26,14 +26,17 @@ use mio::{Interest, Registry, Token};
 use crate::config::{AcceptProxyProtocol, Config, MAX_TARGETS, SendProxyProtocol};
 use crate::journal::{Closed, Journal};
 use crate::message::{DEVICE, Origin};
-use crate::proxy_header;
 use crate::reason::{self, Reason};
 use crate::socket::{Endpoint, ReadOutcome};
 use crate::stats::{self, Counters};
 
 mod header;
+mod report;
+mod targets;
 
 use header::HeaderWait;
+pub use report::{ConnectionReport, TargetReport};
+use targets::target_spec;
 
 /// Rounds of reads and writes for one connection per wake-up, so that one
 /// busy device cannot starve the others on its worker.
@@ -132,33 +135,6 @@ pub enum Drive {
     Busy,
     /// Closed and journaled: remove it.
     Finished,
-}
-
-/// One device connection as `ctl list` shows it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct ConnectionReport {
-    pub ident: String,
-    pub peer: String,
-    pub age_seconds: f64,
-    pub idle_seconds: f64,
-    /// Bytes received from the device.
-    pub bytes_received: u64,
-    /// Bytes sent to the device.
-    pub bytes_sent: u64,
-    /// Bytes queued for the device.
-    pub queued: usize,
-    pub targets: Vec<TargetReport>,
-}
-
-/// One target connection as `ctl list` shows it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct TargetReport {
-    pub target: u8,
-    /// `connecting`, `connected`, or `draining` (the device has finished).
-    pub state: String,
-    pub queued: usize,
-    pub bytes_received: u64,
-    pub bytes_sent: u64,
 }
 
 /// The token of one socket: the connection's slot and the side (0 device,
@@ -265,38 +241,6 @@ impl Connection {
         self.origin
     }
 
-    /// What the control socket shows of this connection.
-    pub fn report(&self, now: Instant) -> ConnectionReport {
-        let targets = self
-            .targets
-            .iter()
-            .enumerate()
-            .filter_map(|(index, link)| link.as_ref().map(|link| (index, link)))
-            .map(|(index, link)| TargetReport {
-                target: index as u8 + 1,
-                state: match (link.connecting_since, link.endpoint.write_closed) {
-                    (Some(_), _) => "connecting",
-                    (None, false) => "connected",
-                    (None, true) => "draining",
-                }
-                .to_string(),
-                queued: link.endpoint.queued(),
-                bytes_received: link.endpoint.received,
-                bytes_sent: link.endpoint.sent,
-            })
-            .collect();
-        ConnectionReport {
-            ident: self.origin.ident.to_string(),
-            peer: self.origin.peer.to_string(),
-            age_seconds: now.duration_since(self.opened_at).as_secs_f64(),
-            idle_seconds: now.duration_since(self.last_activity).as_secs_f64(),
-            bytes_received: self.device.received,
-            bytes_sent: self.device.sent,
-            queued: self.device.queued(),
-            targets,
-        }
-    }
-
     /// Records a poll event's hints for one side; `hangup` when the event
     /// reported the peer's end of stream or an error.
     pub fn note_readiness(&mut self, side: usize, readable: bool, writable: bool, hangup: bool) {
@@ -383,115 +327,6 @@ impl Connection {
         moved
     }
 
-    fn connect_target(&mut self, spec: &TargetSpec, ctx: &mut Context<'_>) {
-        let index = usize::from(spec.number - 1);
-        if let Some(used) = &spec.used {
-            used.store(true, Ordering::Relaxed);
-        }
-        let Some(address) = ctx.addresses[index] else {
-            let why = format!("connect failed: cannot resolve {}", spec.label);
-            self.target_failed_early(spec, why.into(), ctx);
-            return;
-        };
-        let connected = TcpStream::connect(address).and_then(|mut stream| {
-            stream.set_nodelay(true)?;
-            let interest = Interest::READABLE | Interest::WRITABLE;
-            ctx.registry
-                .register(&mut stream, token(self.slot, index + 1), interest)?;
-            Ok(stream)
-        });
-        match connected {
-            Ok(stream) => {
-                let mut endpoint = Endpoint::new(stream, false);
-                if spec.send_proxy != SendProxyProtocol::Off {
-                    let local = self.local.unwrap_or(self.origin.peer);
-                    let header = proxy_header::build(spec.send_proxy, self.origin.peer, local);
-                    // Queued (the socket is still connecting), so it cannot fail.
-                    let _ = endpoint.send(&header);
-                }
-                self.targets[index] = Some(Link {
-                    endpoint,
-                    connecting_since: Some(ctx.now),
-                });
-            }
-            Err(e) => self.target_failed_early(spec, reason::connect_failed(&e), ctx),
-        }
-    }
-
-    /// A target that failed before it had a socket: event 2 only.
-    fn target_failed_early(&mut self, spec: &TargetSpec, why: Reason, ctx: &mut Context<'_>) {
-        log::debug!("{}: target {} {why}", self.origin.ident, spec.number);
-        let closed = Closed {
-            reason: &why,
-            received: 0,
-            sent: 0,
-        };
-        ctx.journal
-            .dropped(self.origin, spec.number, Some(&spec.label), &closed);
-        ctx.counters.drop_of(usize::from(spec.number), &why);
-        if spec.mandatory {
-            let whole = reason::mandatory_failed(spec.number);
-            self.end(whole.clone(), whole, false);
-        }
-    }
-
-    fn finish_connects(&mut self, ctx: &mut Context<'_>) -> bool {
-        let mut moved = false;
-        for index in 0..MAX_TARGETS {
-            let Some(link) = &mut self.targets[index] else {
-                continue;
-            };
-            if link.connecting_since.is_none() || !link.endpoint.writable {
-                continue;
-            }
-            let stream = &link.endpoint.stream;
-            let outcome = match stream.take_error() {
-                Ok(Some(e)) | Err(e) => Err(e),
-                Ok(None) => stream.peer_addr().map(|_| ()),
-            };
-            match outcome {
-                Ok(()) => {
-                    link.connecting_since = None;
-                    let spec = target_spec(ctx.settings, index);
-                    ctx.journal
-                        .connected(self.origin, spec.number, Some(&spec.label));
-                    moved = true;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotConnected => {
-                    link.endpoint.writable = false;
-                }
-                Err(e) => {
-                    self.target_failed(index, reason::connect_failed(&e), ctx);
-                    moved = true;
-                }
-            }
-        }
-        moved
-    }
-
-    fn flush_targets(&mut self, ctx: &mut Context<'_>) -> bool {
-        let mut moved = false;
-        for index in 0..MAX_TARGETS {
-            let Some(link) = &mut self.targets[index] else {
-                continue;
-            };
-            if link.connecting_since.is_some() || link.endpoint.queued() == 0 {
-                continue;
-            }
-            match link.endpoint.flush() {
-                Ok(written) => {
-                    ctx.sent(index + 1, written);
-                    moved |= written > 0;
-                }
-                Err(e) => {
-                    self.target_failed(index, reason::describe(&e), ctx);
-                    moved = true;
-                }
-            }
-        }
-        moved
-    }
-
     fn read_device(&mut self, ctx: &mut Context<'_>, buffer: &mut [u8]) -> bool {
         if self.ending.is_some() || !self.device.readable || self.device.read_closed {
             return false;
@@ -535,78 +370,6 @@ impl Connection {
         }
     }
 
-    fn forward_to_targets(&mut self, packet: &[u8], ctx: &mut Context<'_>) {
-        for index in 0..MAX_TARGETS {
-            let Some(link) = &mut self.targets[index] else {
-                continue;
-            };
-            let spec = target_spec(ctx.settings, index);
-            if !spec.mandatory && link.endpoint.queued() + packet.len() > ctx.settings.target_buffer
-            {
-                self.target_failed(index, reason::TARGET_BUFFER_OVERFLOW.into(), ctx);
-                continue;
-            }
-            match link.endpoint.send(packet) {
-                Ok(written) => ctx.sent(index + 1, written),
-                Err(e) => self.target_failed(index, reason::describe(&e), ctx),
-            }
-        }
-    }
-
-    fn read_targets(&mut self, ctx: &mut Context<'_>, buffer: &mut [u8]) -> bool {
-        let mut moved = false;
-        for index in 0..MAX_TARGETS {
-            if self.ending.is_some() {
-                break;
-            }
-            let device_behind = self.device.queued() > 0;
-            let Some(link) = &mut self.targets[index] else {
-                continue;
-            };
-            if link.connecting_since.is_some() || !link.endpoint.readable {
-                continue;
-            }
-            let spec = target_spec(ctx.settings, index);
-            // Replies wait while the device has not taken the last ones.
-            let limit = match spec.replies {
-                true if device_behind => continue,
-                true => ctx.settings.target_buffer.min(buffer.len()),
-                false => buffer.len(),
-            };
-            let outcome = link.endpoint.read(&mut buffer[..limit]);
-            if let ReadOutcome::Data(n) = outcome {
-                ctx.received(index + 1, n);
-            }
-            match outcome {
-                ReadOutcome::Data(n) if spec.replies => {
-                    moved = true;
-                    self.relay_reply(spec, &buffer[..n], ctx);
-                }
-                ReadOutcome::Data(_) => moved = true,
-                ReadOutcome::WouldBlock => {}
-                ReadOutcome::Closed => {
-                    moved = true;
-                    self.target_closed(index, ctx);
-                }
-                ReadOutcome::Failed(e) => {
-                    moved = true;
-                    self.target_failed(index, reason::describe(&e), ctx);
-                }
-            }
-        }
-        moved
-    }
-
-    fn relay_reply(&mut self, spec: &TargetSpec, packet: &[u8], ctx: &mut Context<'_>) {
-        self.last_activity = ctx.now;
-        ctx.journal
-            .data(self.origin, spec.number, Some(&spec.label), packet);
-        match self.device.send(packet) {
-            Ok(written) => ctx.sent(0, written),
-            Err(e) => self.end(reason::describe(&e), reason::DEVICE_FAILED.into(), false),
-        }
-    }
-
     fn flush_device(&mut self, ctx: &mut Context<'_>) -> bool {
         if self.ending.is_some() || self.device.queued() == 0 {
             return false;
@@ -647,46 +410,6 @@ impl Connection {
             let why: Reason = reason::CLOSED_BY_PEER.into();
             self.end(why.clone(), why, true);
         }
-    }
-
-    /// A target ended its stream. Once the device has ended its own, that
-    /// is the normal end of the exchange; before, it is a failure for a
-    /// mandatory target (whose replies are still delivered first).
-    fn target_closed(&mut self, index: usize, ctx: &mut Context<'_>) {
-        self.drop_target(index, reason::CLOSED_BY_PEER.into(), ctx);
-        let spec = target_spec(ctx.settings, index);
-        if spec.mandatory && !self.device.read_closed {
-            let why = reason::mandatory_closed(spec.number);
-            self.end(why.clone(), why, true);
-        }
-    }
-
-    fn target_failed(&mut self, index: usize, why: Reason, ctx: &mut Context<'_>) {
-        let spec = target_spec(ctx.settings, index);
-        log::debug!("{}: target {} {why}", self.origin.ident, spec.number);
-        self.drop_target(index, why.clone(), ctx);
-        if spec.mandatory {
-            let whole = reason::mandatory_failed(spec.number);
-            self.end(whole.clone(), whole, false);
-        }
-    }
-
-    /// Closes one target's socket and writes its event 2.
-    fn drop_target(&mut self, index: usize, why: Reason, ctx: &mut Context<'_>) {
-        let Some(mut link) = self.targets[index].take() else {
-            return;
-        };
-        // The socket is closed right after; a failed deregister changes nothing.
-        let _ = ctx.registry.deregister(&mut link.endpoint.stream);
-        let spec = target_spec(ctx.settings, index);
-        let closed = Closed {
-            reason: &why,
-            received: link.endpoint.received,
-            sent: link.endpoint.sent,
-        };
-        ctx.journal
-            .dropped(self.origin, spec.number, Some(&spec.label), &closed);
-        ctx.counters.drop_of(index + 1, &why);
     }
 
     /// Decides the connection ends; the first reason given is kept.
@@ -735,11 +458,4 @@ impl Connection {
         ctx.journal.dropped(self.origin, DEVICE, None, &closed);
         ctx.counters.drop_of(0, &ending.reason);
     }
-}
-
-/// The spec of a target that has a link (targets only exist where configured).
-fn target_spec(settings: &Settings, index: usize) -> &TargetSpec {
-    settings.targets[index]
-        .as_ref()
-        .expect("a connection only has links to configured targets")
 }

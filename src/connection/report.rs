@@ -1,0 +1,66 @@
+//! What `proxy-channel ctl list` shows of a connection.
+
+use std::time::Instant;
+
+use super::Connection;
+
+/// One device connection as `ctl list` shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ConnectionReport {
+    pub ident: String,
+    pub peer: String,
+    pub age_seconds: f64,
+    pub idle_seconds: f64,
+    /// Bytes received from the device.
+    pub bytes_received: u64,
+    /// Bytes sent to the device.
+    pub bytes_sent: u64,
+    /// Bytes queued for the device.
+    pub queued: usize,
+    pub targets: Vec<TargetReport>,
+}
+
+/// One target connection as `ctl list` shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TargetReport {
+    pub target: u8,
+    /// `connecting`, `connected`, or `draining` (the device has finished).
+    pub state: String,
+    pub queued: usize,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+}
+
+impl Connection {
+    /// What the control socket shows of this connection.
+    pub fn report(&self, now: Instant) -> ConnectionReport {
+        let targets = self
+            .targets
+            .iter()
+            .enumerate()
+            .filter_map(|(index, link)| link.as_ref().map(|link| (index, link)))
+            .map(|(index, link)| TargetReport {
+                target: index as u8 + 1,
+                state: match (link.connecting_since, link.endpoint.write_closed) {
+                    (Some(_), _) => "connecting",
+                    (None, false) => "connected",
+                    (None, true) => "draining",
+                }
+                .to_string(),
+                queued: link.endpoint.queued(),
+                bytes_received: link.endpoint.received,
+                bytes_sent: link.endpoint.sent,
+            })
+            .collect();
+        ConnectionReport {
+            ident: self.origin.ident.to_string(),
+            peer: self.origin.peer.to_string(),
+            age_seconds: now.duration_since(self.opened_at).as_secs_f64(),
+            idle_seconds: now.duration_since(self.last_activity).as_secs_f64(),
+            bytes_received: self.device.received,
+            bytes_sent: self.device.sent,
+            queued: self.device.queued(),
+            targets,
+        }
+    }
+}
