@@ -79,6 +79,77 @@ pub fn run(dir: &Path, producers: usize, window: Duration) -> Result<Vec<Metric>
     ])
 }
 
+/// Messages for the viewer to scan: this many bytes of files.
+const VIEW_FOLDER_BYTES: u64 = 256 << 20;
+
+/// Writes a folder of about 256 MB of messages (payloads of 20 to 600
+/// bytes, 4 files) with the store, then times `proxy-channel view` over it:
+/// a scan that selects nothing (`--json --ident` of no connection: reading
+/// and parsing only), and the hex dump of everything to /dev/null.
+pub fn view_scan(dir: &Path, binary: &Path) -> Result<Vec<Metric>, String> {
+    let settings = StoreSettings {
+        dir: dir.to_path_buf(),
+        rotate_size: VIEW_FOLDER_BYTES / 4,
+        rotate_interval: Duration::from_secs(3600),
+        retain_files: 10_000,
+        retain_age: Duration::from_secs(86_400),
+    };
+    let store = Store::open(settings, Arc::default(), Arc::new(AtomicBool::new(false)))
+        .map_err(|e| e.to_string())?;
+    let (sender, receiver) = crossbeam_channel::bounded(64);
+    let writer = std::thread::spawn(move || store.run(receiver));
+    let journal_settings = JournalSettings {
+        channel_id: 1,
+        protocol_id: 0,
+        store: true,
+        max_payload: 2 << 20,
+    };
+    let mut journal = Journal::new(sender, journal_settings, Arc::new(Counters::default()));
+    let payload: Vec<u8> = (0..600u32).map(|i| (i * 7 + 3) as u8).collect();
+    let mut written = 0u64;
+    let mut n = 0u64;
+    while written < VIEW_FOLDER_BYTES {
+        let origin = Origin {
+            ident: Ident(n / 20),
+            peer: ([10, 0, (n >> 8) as u8, n as u8], 40_000).into(),
+        };
+        let size = 20 + (n as usize * 37) % 581;
+        journal.data(origin, 0, None, &payload[..size]);
+        written += 200 + 2 * size as u64;
+        n += 1;
+        if n % 256 == 0 {
+            journal.flush();
+        }
+    }
+    journal.flush();
+    drop(journal);
+    writer.join().map_err(|_| "the writer panicked")?;
+    let bytes = store::scan(dir)?.bytes as f64;
+    let scan = time_view(binary, &["--json", "--ident", "ffffffffffffffff"], dir)?;
+    let dump = time_view(binary, &["--no-color"], dir)?;
+    Ok(vec![
+        ("view_scan_mbs", bytes / scan / 1e6),
+        ("view_dump_mbs", bytes / dump / 1e6),
+    ])
+}
+
+/// Seconds `proxy-channel view ARGS DIR > /dev/null` takes.
+fn time_view(binary: &Path, args: &[&str], dir: &Path) -> Result<f64, String> {
+    let started = Instant::now();
+    let status = std::process::Command::new(binary)
+        .arg("view")
+        .args(args)
+        .arg(dir)
+        .env("TZ", "UTC")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|e| format!("{}: {e}", binary.display()))?;
+    if !status.success() {
+        return Err(format!("view {args:?} exited with {status}"));
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
 /// Makes messages until the deadline; returns how many.
 fn produce(mut journal: Journal, producer: usize, deadline: Instant) -> u64 {
     let mut payload = [0u8; PAYLOAD];

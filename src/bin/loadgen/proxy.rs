@@ -80,6 +80,19 @@ impl Running {
         targets: &[SocketAddr],
         store: bool,
     ) -> Result<Running, String> {
+        Running::start_with(kind, setup, targets, store, &[])
+    }
+
+    /// [`Running::start`], with more environment for proxy-channel, as
+    /// (name, value relative to the data folder) pairs: a value starting
+    /// with `{data}` gets the data folder in its place.
+    pub fn start_with(
+        kind: Kind,
+        setup: &Setup,
+        targets: &[SocketAddr],
+        store: bool,
+        extra: &[(&str, &str)],
+    ) -> Result<Running, String> {
         if kind == Kind::Direct {
             return Ok(Running {
                 kind,
@@ -113,6 +126,10 @@ impl Running {
                     .env("RUST_LOG", "info");
                 for (n, target) in targets.iter().enumerate() {
                     command.env(format!("PROXY_TARGET{}", n + 1), target.to_string());
+                }
+                for (name, value) in extra {
+                    let data = dir.to_string_lossy();
+                    command.env(name, value.replace("{data}", &data));
                 }
                 data_dir = Some(dir);
                 command

@@ -36,12 +36,16 @@ pub enum What {
         targets: usize,
         conns: usize,
         store: bool,
+        /// proxy-channel writes its metrics file every 100 ms.
+        metrics: bool,
     },
     /// Store on: devices sending 100-byte packets, one per write, in total
     /// `rate` per second (all devices in step) or as fast as they can.
     StoreSmall { conns: usize, rate: Option<f64> },
     /// The store alone (journal and writer), fed 100-byte packets.
     StoreCapacity,
+    /// `proxy-channel view` over a folder of about 256 MB of messages.
+    ViewScan,
     /// 100-byte request, 100-byte echo, one at a time per connection.
     Echo { conns: usize },
     /// Thousands of devices, one 100-byte packet per second each.
@@ -63,6 +67,7 @@ const fn streams(targets: usize, conns: usize, store: bool) -> What {
         targets,
         conns,
         store,
+        metrics: false,
     }
 }
 
@@ -72,6 +77,7 @@ pub const CASES: &[Case] = &[
     Case { name: "startup", proxies: BOTH, what: What::Startup },
     Case { name: "stream-1t-1c", proxies: ALL, what: streams(1, 1, false) },
     Case { name: "stream-1t-8c", proxies: ALL, what: streams(1, 8, false) },
+    Case { name: "stream-1t-8c-metrics", proxies: PC, what: What::Stream { targets: 1, conns: 8, store: false, metrics: true } },
     Case { name: "stream-3t-1c", proxies: PC, what: streams(3, 1, false) },
     Case { name: "stream-3t-8c", proxies: PC, what: streams(3, 8, false) },
     Case { name: "store-3t-1c", proxies: PC, what: streams(3, 1, true) },
@@ -79,6 +85,7 @@ pub const CASES: &[Case] = &[
     Case { name: "store-100b", proxies: PC, what: What::StoreSmall { conns: 1000, rate: Some(500_000.0) } },
     Case { name: "store-100b-max", proxies: PC, what: What::StoreSmall { conns: 100, rate: None } },
     Case { name: "store-capacity", proxies: PC, what: What::StoreCapacity },
+    Case { name: "view-scan", proxies: PC, what: What::ViewScan },
     Case { name: "echo-1c", proxies: ALL, what: What::Echo { conns: 1 } },
     Case { name: "echo-50c", proxies: ALL, what: What::Echo { conns: 50 } },
     Case { name: "trackers", proxies: ALL, what: What::Trackers { devices: 9000, secs: 20 } },
@@ -129,9 +136,11 @@ pub fn run(case: &Case, kind: Kind, setup: &Setup, timing: Timing) -> Result<Vec
             targets,
             conns,
             store,
-        } => stream(kind, setup, timing, targets, conns, store),
+            metrics,
+        } => stream(kind, setup, timing, (targets, conns), store, metrics),
         What::StoreSmall { conns, rate } => store_small(setup, timing, conns, rate),
         What::StoreCapacity => store_capacity(setup, timing),
+        What::ViewScan => view_scan(setup),
         What::Echo { conns } => echo(kind, setup, timing, conns),
         What::Trackers { devices, secs } => {
             let (devices, secs) = timing.trackers.unwrap_or((devices, secs));
@@ -290,13 +299,20 @@ fn stream(
     kind: Kind,
     setup: &Setup,
     timing: Timing,
-    target_count: usize,
-    conns: usize,
+    (target_count, conns): (usize, usize),
     store: bool,
+    metrics: bool,
 ) -> Result<Vec<Metric>, String> {
     let targets = start_targets(target_count)?;
     let addrs: Vec<_> = targets.iter().map(|t| t.addr).collect();
-    let mut proxy = Running::start(kind, setup, &addrs, store)?;
+    let extra: &[(&str, &str)] = match metrics {
+        true => &[
+            ("PROXY_METRICS_FILE", "{data}/metrics.prom"),
+            ("PROXY_METRICS_INTERVAL", "100ms"),
+        ],
+        false => &[],
+    };
+    let mut proxy = Running::start_with(kind, setup, &addrs, store, extra)?;
     let started = Instant::now();
     let devices = Devices::start(Mode::Stream, proxy.listen, conns, None)?;
     std::thread::sleep(timing.warmup);
@@ -397,6 +413,13 @@ fn store_small(
 fn store_capacity(setup: &Setup, timing: Timing) -> Result<Vec<Metric>, String> {
     let dir = setup.work_dir.join("store-capacity");
     let figures = capacity::run(&dir, setup.threads, timing.measure);
+    remove_dir(&dir);
+    figures
+}
+
+fn view_scan(setup: &Setup) -> Result<Vec<Metric>, String> {
+    let dir = setup.work_dir.join("view-scan");
+    let figures = capacity::view_scan(&dir, &setup.proxy_channel);
     remove_dir(&dir);
     figures
 }
