@@ -86,11 +86,7 @@ fn parse_view(parser: &mut lexopt::Parser) -> Result<ViewOptions, UsageError> {
             Long("no-color") => options.color = false,
             Long(name @ ("ident" | "peer" | "source" | "event" | "since" | "until")) => {
                 let option = format!("--{name}");
-                let value = string_value(parser)?;
-                options
-                    .filter
-                    .set(&option, &value, now)
-                    .map_err(|e| UsageError(e.to_string()))?;
+                set_filter(&mut options.filter, &option, parser, now)?;
             }
             Value(path) => options.paths.push(PathBuf::from(path)),
             other => return Err(other.unexpected().into()),
@@ -143,11 +139,7 @@ fn parse_replay(parser: &mut lexopt::Parser) -> Result<ReplayOptions, UsageError
             }
             Long(name @ ("ident" | "peer" | "since" | "until")) => {
                 let option = format!("--{name}");
-                let value = string_value(parser)?;
-                options
-                    .filter
-                    .set(&option, &value, now)
-                    .map_err(|e| UsageError(e.to_string()))?;
+                set_filter(&mut options.filter, &option, parser, now)?;
             }
             Value(path) => options.paths.push(PathBuf::from(path)),
             other => return Err(other.unexpected().into()),
@@ -203,6 +195,20 @@ fn default_control_socket() -> PathBuf {
         Some(path) => PathBuf::from(path),
         None => default_data_dir().join("control.sock"),
     }
+}
+
+/// Takes the value of filter `option` into `filter`.
+fn set_filter(
+    filter: &mut Filter,
+    option: &str,
+    parser: &mut lexopt::Parser,
+    now: f64,
+) -> Result<(), UsageError> {
+    let value = string_value(parser)?;
+    filter
+        .set(option, &value, now)
+        .map(drop)
+        .map_err(|e| UsageError(e.to_string()))
 }
 
 fn string_value(parser: &mut lexopt::Parser) -> Result<String, UsageError> {

@@ -10,9 +10,11 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use proxy_channel::journal::{Journal, JournalSettings};
+use crossbeam_channel::Sender;
+use proxy_channel::journal::{Journal, JournalSettings, StoreCommand};
 use proxy_channel::message::{Ident, Origin};
 use proxy_channel::stats::Counters;
 use proxy_channel::store::{Store, StoreSettings};
@@ -27,32 +29,12 @@ const PER_ITERATION: usize = 256;
 
 /// Runs `producers` threads for `window`, then checks the files in `dir`.
 pub fn run(dir: &Path, producers: usize, window: Duration) -> Result<Vec<Metric>, String> {
-    let settings = StoreSettings {
-        dir: dir.to_path_buf(),
-        rotate_size: 64 << 20,
-        rotate_interval: Duration::from_secs(3600),
-        retain_files: 10_000,
-        retain_age: Duration::from_secs(86_400),
-    };
-    let store = Store::open(settings, Arc::default(), Arc::new(AtomicBool::new(false)))
-        .map_err(|e| e.to_string())?;
-    let (sender, receiver) = crossbeam_channel::bounded(64);
-    let writer = std::thread::spawn(move || store.run(receiver));
-    let journal_settings = JournalSettings {
-        channel_id: 1,
-        protocol_id: 0,
-        store: true,
-        max_payload: 2 << 20,
-    };
+    let (sender, writer) = start_store(dir, 64 << 20)?;
     let started = Instant::now();
     let deadline = started + window;
     let threads: Vec<_> = (0..producers)
         .map(|p| {
-            let journal = Journal::new(
-                sender.clone(),
-                journal_settings,
-                Arc::new(Counters::default()),
-            );
+            let journal = new_journal(sender.clone());
             std::thread::spawn(move || produce(journal, p, deadline))
         })
         .collect();
@@ -87,24 +69,8 @@ const VIEW_FOLDER_BYTES: u64 = 256 << 20;
 /// a scan that selects nothing (`--json --ident` of no connection: reading
 /// and parsing only), and the hex dump of everything to /dev/null.
 pub fn view_scan(dir: &Path, binary: &Path) -> Result<Vec<Metric>, String> {
-    let settings = StoreSettings {
-        dir: dir.to_path_buf(),
-        rotate_size: VIEW_FOLDER_BYTES / 4,
-        rotate_interval: Duration::from_secs(3600),
-        retain_files: 10_000,
-        retain_age: Duration::from_secs(86_400),
-    };
-    let store = Store::open(settings, Arc::default(), Arc::new(AtomicBool::new(false)))
-        .map_err(|e| e.to_string())?;
-    let (sender, receiver) = crossbeam_channel::bounded(64);
-    let writer = std::thread::spawn(move || store.run(receiver));
-    let journal_settings = JournalSettings {
-        channel_id: 1,
-        protocol_id: 0,
-        store: true,
-        max_payload: 2 << 20,
-    };
-    let mut journal = Journal::new(sender, journal_settings, Arc::new(Counters::default()));
+    let (sender, writer) = start_store(dir, VIEW_FOLDER_BYTES / 4)?;
+    let mut journal = new_journal(sender);
     let payload: Vec<u8> = (0..600u32).map(|i| (i * 7 + 3) as u8).collect();
     let mut written = 0u64;
     let mut n = 0u64;
@@ -148,6 +114,36 @@ fn time_view(binary: &Path, args: &[&str], dir: &Path) -> Result<f64, String> {
         return Err(format!("view {args:?} exited with {status}"));
     }
     Ok(started.elapsed().as_secs_f64())
+}
+
+/// The daemon's writer on `dir`, on a thread of its own, and the sender
+/// of its queue; the thread returns the number of messages it lost.
+fn start_store(
+    dir: &Path,
+    rotate_size: u64,
+) -> Result<(Sender<StoreCommand>, JoinHandle<u64>), String> {
+    let settings = StoreSettings {
+        dir: dir.to_path_buf(),
+        rotate_size,
+        rotate_interval: Duration::from_secs(3600),
+        retain_files: 10_000,
+        retain_age: Duration::from_secs(86_400),
+    };
+    let store = Store::open(settings, Arc::default(), Arc::new(AtomicBool::new(false)))
+        .map_err(|e| e.to_string())?;
+    let (sender, receiver) = crossbeam_channel::bounded(64);
+    Ok((sender, std::thread::spawn(move || store.run(receiver))))
+}
+
+/// A journal in store mode, as a worker has.
+fn new_journal(sender: Sender<StoreCommand>) -> Journal {
+    let settings = JournalSettings {
+        channel_id: 1,
+        protocol_id: 0,
+        store: true,
+        max_payload: 2 << 20,
+    };
+    Journal::new(sender, settings, Arc::new(Counters::default()))
 }
 
 /// Makes messages until the deadline; returns how many.

@@ -349,22 +349,25 @@ fn stream(
     if store {
         let dir = data_dir.ok_or("store on needs proxy-channel")?;
         let stored = store::scan(&dir)?;
-        let sent: u64 = outcome
-            .sent
-            .values()
-            .map(|bytes| bytes + HEADER_LEN as u64)
-            .sum();
-        if stored.device_payload != sent {
-            return Err(format!(
-                "the store holds {} device bytes, the devices sent {sent}",
-                stored.device_payload
-            ));
-        }
+        check_stored(&stored, &outcome.sent)?;
         metrics.push(("file_mbs", stored.bytes as f64 / traffic / MB));
         metrics.push(("file_msgs_per_s", stored.lines as f64 / traffic));
         remove_dir(&dir);
     }
     Ok(metrics)
+}
+
+/// Checks that the message files hold exactly the device bytes sent
+/// (headers included); returns that count.
+fn check_stored(stored: &store::Stored, sent: &HashMap<u64, u64>) -> Result<u64, String> {
+    let sent: u64 = sent.values().map(|bytes| bytes + HEADER_LEN as u64).sum();
+    if stored.device_payload != sent {
+        return Err(format!(
+            "the store holds {} device bytes, the devices sent {sent}",
+            stored.device_payload
+        ));
+    }
+    Ok(sent)
 }
 
 fn store_small(
@@ -390,17 +393,7 @@ fn store_small(
     proxy.stop()?;
     let stored = store::scan(&dir)?;
     remove_dir(&dir);
-    let sent: u64 = outcome
-        .sent
-        .values()
-        .map(|bytes| bytes + HEADER_LEN as u64)
-        .sum();
-    if stored.device_payload != sent {
-        return Err(format!(
-            "the store holds {} device bytes, the devices sent {sent}",
-            stored.device_payload
-        ));
-    }
+    let sent = check_stored(&stored, &outcome.sent)?;
     let messages = stored.device_messages as f64;
     Ok(vec![
         ("store_msgs_per_s", messages / traffic),
