@@ -100,13 +100,17 @@ impl Settings {
     }
 }
 
+/// The addresses of each target, tried in turn; none while a name does not
+/// resolve.
+pub type TargetAddresses = [Vec<SocketAddr>; MAX_TARGETS];
+
 /// The worker's things a connection uses while it is driven.
 pub struct Context<'a> {
     pub registry: &'a Registry,
     pub journal: &'a mut Journal,
     pub settings: &'a Settings,
-    /// The current address of each target (names are resolved elsewhere).
-    pub addresses: &'a [Option<SocketAddr>; MAX_TARGETS],
+    /// The current addresses of each target (names are resolved elsewhere).
+    pub addresses: &'a TargetAddresses,
     pub counters: &'a Counters,
     pub now: Instant,
 }
@@ -151,6 +155,8 @@ pub fn slot_and_side(token: Token) -> (usize, usize) {
 /// A connection to one target.
 struct Link {
     endpoint: Endpoint,
+    /// Which of the target's addresses this connection is to.
+    address: usize,
     /// When the connect started, while it has not finished.
     connecting_since: Option<Instant>,
 }

@@ -22,8 +22,8 @@ use signal_hook::iterator::Signals;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::acceptor::{Acceptor, AcceptorSetup};
-use crate::config::{Config, MAX_TARGETS};
-use crate::connection::Settings;
+use crate::config::Config;
+use crate::connection::{Settings, TargetAddresses};
 use crate::control::{self, Control, ControlSetup};
 use crate::journal::{Journal, JournalSettings, StoreCommand};
 use crate::limits;
@@ -113,7 +113,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
                 journal_settings,
                 Arc::clone(&counters),
             ),
-            addresses,
+            addresses: addresses.clone(),
             open_connections: Arc::clone(&open_connections),
             counters,
         })?;
@@ -242,20 +242,20 @@ fn listen(address: SocketAddr) -> io::Result<TcpListener> {
     Ok(TcpListener::from_std(socket.into()))
 }
 
-/// Each target's address at start; a name that does not resolve yet is
+/// Each target's addresses at start; a name that does not resolve yet is
 /// retried by its resolver.
-fn initial_addresses(config: &Config) -> [Option<SocketAddr>; MAX_TARGETS] {
-    let mut addresses = [None; MAX_TARGETS];
+fn initial_addresses(config: &Config) -> TargetAddresses {
+    let mut addresses = TargetAddresses::default();
     for target in &config.targets {
         match resolver::resolve(&target.address) {
-            Ok(address) => {
+            Ok(found) => {
                 if target.address.literal().is_none() {
                     info!(
-                        "target {}: {} resolves to {address}",
+                        "target {}: {} resolves to {found:?}",
                         target.number, target.address
                     );
                 }
-                addresses[usize::from(target.number - 1)] = Some(address);
+                addresses[usize::from(target.number - 1)] = found;
             }
             Err(e) => warn!(
                 "target {}: cannot resolve {}: {e}; connections fail until it does",
@@ -269,7 +269,7 @@ fn initial_addresses(config: &Config) -> [Option<SocketAddr>; MAX_TARGETS] {
 fn start_resolvers(
     config: &Config,
     settings: &Settings,
-    addresses: &[Option<SocketAddr>; MAX_TARGETS],
+    addresses: &TargetAddresses,
     workers: &[WorkerHandle],
 ) -> io::Result<()> {
     for target in &config.targets {
@@ -283,7 +283,7 @@ fn start_resolvers(
         resolver::spawn(
             target.number,
             target.address.clone(),
-            addresses[index],
+            addresses[index].clone(),
             used,
             workers.to_vec(),
         )?;

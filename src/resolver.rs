@@ -4,7 +4,7 @@
 //! One thread per named target. Workers flag that they connected to it; once
 //! a second the thread looks at the flag and, if set (or while the name has
 //! never resolved), resolves the name again and tells every worker when the
-//! address changed. A failed lookup keeps the last good address.
+//! addresses changed. A failed lookup keeps the last good addresses.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
@@ -18,22 +18,29 @@ use crate::worker::{Command, WorkerHandle};
 
 const RESOLVE_EVERY: Duration = Duration::from_secs(1);
 
-/// Resolves a target now (blocking); the first address wins.
-pub fn resolve(address: &TargetAddress) -> std::io::Result<SocketAddr> {
+/// Resolves a target now (blocking): every address, in the resolver's
+/// order (connects try them in turn).
+pub fn resolve(address: &TargetAddress) -> std::io::Result<Vec<SocketAddr>> {
     if let Some(literal) = address.literal() {
-        return Ok(literal);
+        return Ok(vec![literal]);
     }
-    (address.host.as_str(), address.port)
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| std::io::Error::other("no address found"))
+    let mut found: Vec<SocketAddr> = Vec::new();
+    for candidate in (address.host.as_str(), address.port).to_socket_addrs()? {
+        if !found.contains(&candidate) {
+            found.push(candidate);
+        }
+    }
+    match found.is_empty() {
+        true => Err(std::io::Error::other("no address found")),
+        false => Ok(found),
+    }
 }
 
 /// Starts the thread that follows `address` for target `number`.
 pub fn spawn(
     number: u8,
     address: TargetAddress,
-    current: Option<SocketAddr>,
+    current: Vec<SocketAddr>,
     used: Arc<AtomicBool>,
     workers: Vec<WorkerHandle>,
 ) -> std::io::Result<()> {
@@ -46,14 +53,14 @@ pub fn spawn(
 fn follow(
     number: u8,
     address: &TargetAddress,
-    mut current: Option<SocketAddr>,
+    mut current: Vec<SocketAddr>,
     used: &AtomicBool,
     workers: &[WorkerHandle],
 ) {
     let mut failing = false;
     loop {
         std::thread::sleep(RESOLVE_EVERY);
-        if current.is_some() && !used.swap(false, Ordering::Relaxed) {
+        if !current.is_empty() && !used.swap(false, Ordering::Relaxed) {
             continue;
         }
         let found = match resolve(address) {
@@ -67,15 +74,15 @@ fn follow(
             }
         };
         failing = false;
-        if current == Some(found) {
+        if current == found {
             continue;
         }
-        info!("target {number}: {address} now resolves to {found}");
-        current = Some(found);
+        info!("target {number}: {address} now resolves to {found:?}");
+        current = found;
         for worker in workers {
             if !worker.send(Command::TargetAddress {
                 number,
-                address: current,
+                addresses: current.clone(),
             }) {
                 return;
             }

@@ -63,6 +63,15 @@ impl Endpoint {
         }
     }
 
+    /// Swaps in a new socket for a connect that is tried again elsewhere;
+    /// what is queued stays queued for it.
+    pub fn replace_stream(&mut self, stream: TcpStream) {
+        self.stream = stream;
+        self.readable = false;
+        self.writable = false;
+        self.hangup = false;
+    }
+
     /// Reads once into `buf`.
     ///
     /// A read that returns less than asked for has drained the socket, so

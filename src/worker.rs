@@ -21,8 +21,9 @@ use mio::net::TcpStream;
 use mio::{Events, Poll, Token, Waker};
 use slab::Slab;
 
-use crate::config::MAX_TARGETS;
-use crate::connection::{Connection, ConnectionReport, Context, Drive, Settings, slot_and_side};
+use crate::connection::{
+    Connection, ConnectionReport, Context, Drive, Settings, TargetAddresses, slot_and_side,
+};
 use crate::journal::Journal;
 use crate::message::{Ident, Origin};
 use crate::reason;
@@ -37,10 +38,10 @@ const WAKER: Token = Token(usize::MAX);
 pub enum Command {
     /// A new device connection to take over.
     Adopt { stream: TcpStream, origin: Origin },
-    /// Target `number` now lives at this address (`None`: not resolvable).
+    /// Target `number` now lives at these addresses (none: not resolvable).
     TargetAddress {
         number: u8,
-        address: Option<SocketAddr>,
+        addresses: Vec<SocketAddr>,
     },
     /// Report every connection.
     List {
@@ -92,7 +93,7 @@ pub struct Worker {
     settings: Arc<Settings>,
     journal: Journal,
     buffer: Vec<u8>,
-    addresses: [Option<SocketAddr>; MAX_TARGETS],
+    addresses: TargetAddresses,
     open_connections: Arc<AtomicUsize>,
     counters: Arc<Counters>,
     tick: Duration,
@@ -103,7 +104,7 @@ pub struct WorkerSetup {
     pub id: usize,
     pub settings: Arc<Settings>,
     pub journal: Journal,
-    pub addresses: [Option<SocketAddr>; MAX_TARGETS],
+    pub addresses: TargetAddresses,
     pub open_connections: Arc<AtomicUsize>,
     pub counters: Arc<Counters>,
 }
@@ -193,8 +194,8 @@ impl Worker {
         loop {
             match self.inbox.try_recv() {
                 Ok(Command::Adopt { stream, origin }) => self.adopt(stream, origin, now),
-                Ok(Command::TargetAddress { number, address }) => {
-                    self.addresses[usize::from(number - 1)] = address;
+                Ok(Command::TargetAddress { number, addresses }) => {
+                    self.addresses[usize::from(number - 1)] = addresses;
                 }
                 Ok(Command::List { reply }) => {
                     let reports = self

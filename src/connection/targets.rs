@@ -1,10 +1,13 @@
-//! The target side of a connection: connecting, forwarding the device's
-//! bytes, reading replies, and dropping a target with its event 2.
+//! The target side of a connection: connecting (to each of a target's
+//! addresses in turn until one answers, within one connect timeout),
+//! forwarding the device's bytes, reading replies, and dropping a target
+//! with its event 2.
 //!
 //! A mandatory target's failure ends the whole connection; a
 //! non-mandatory one is dropped alone (see the invariants in
 //! `connection.rs`).
 
+use std::io;
 use std::sync::atomic::Ordering;
 
 use mio::Interest;
@@ -23,20 +26,13 @@ impl Connection {
         if let Some(used) = &spec.used {
             used.store(true, Ordering::Relaxed);
         }
-        let Some(address) = ctx.addresses[index] else {
+        if ctx.addresses[index].is_empty() {
             let why = format!("connect failed: cannot resolve {}", spec.label);
             self.target_failed_early(spec, why.into(), ctx);
             return;
-        };
-        let connected = TcpStream::connect(address).and_then(|mut stream| {
-            stream.set_nodelay(true)?;
-            let interest = Interest::READABLE | Interest::WRITABLE;
-            ctx.registry
-                .register(&mut stream, token(self.slot, index + 1), interest)?;
-            Ok(stream)
-        });
-        match connected {
-            Ok(stream) => {
+        }
+        match self.start_connect(index, 0, ctx) {
+            Ok((stream, address)) => {
                 let mut endpoint = Endpoint::new(stream, false);
                 if spec.send_proxy != SendProxyProtocol::Off {
                     let local = self.local.unwrap_or(self.origin.peer);
@@ -46,11 +42,62 @@ impl Connection {
                 }
                 self.targets[index] = Some(Link {
                     endpoint,
+                    address,
                     connecting_since: Some(ctx.now),
                 });
             }
             Err(e) => self.target_failed_early(spec, reason::connect_failed(&e), ctx),
         }
+    }
+
+    /// Starts a non-blocking connect to target `index`, to the first of its
+    /// addresses from `from` on that does not fail at once; returns the
+    /// socket and which address it is, or the last error.
+    fn start_connect(
+        &self,
+        index: usize,
+        from: usize,
+        ctx: &Context<'_>,
+    ) -> io::Result<(TcpStream, usize)> {
+        let mut last_error = io::Error::from(io::ErrorKind::AddrNotAvailable);
+        for (n, address) in ctx.addresses[index].iter().enumerate().skip(from) {
+            let connected = TcpStream::connect(*address).and_then(|mut stream| {
+                stream.set_nodelay(true)?;
+                let interest = Interest::READABLE | Interest::WRITABLE;
+                ctx.registry
+                    .register(&mut stream, token(self.slot, index + 1), interest)?;
+                Ok(stream)
+            });
+            match connected {
+                Ok(stream) => return Ok((stream, n)),
+                Err(e) => last_error = e,
+            }
+        }
+        Err(last_error)
+    }
+
+    /// A connect that failed moves on to the target's next address, with
+    /// what is queued for it; false when there is none left.
+    fn try_next_address(&mut self, index: usize, ctx: &mut Context<'_>) -> bool {
+        let Some(from) = self.targets[index].as_ref().map(|link| link.address + 1) else {
+            return false;
+        };
+        let Ok((stream, address)) = self.start_connect(index, from, ctx) else {
+            return false;
+        };
+        let Some(link) = &mut self.targets[index] else {
+            return false;
+        };
+        log::debug!(
+            "{}: target {} moves on to address {address}",
+            self.origin.ident,
+            index + 1
+        );
+        // The old socket is closed right after; a failed deregister changes nothing.
+        let _ = ctx.registry.deregister(&mut link.endpoint.stream);
+        link.endpoint.replace_stream(stream);
+        link.address = address;
+        true
     }
 
     /// A target that failed before it had a socket: event 2 only.
@@ -101,7 +148,9 @@ impl Connection {
                     link.endpoint.writable = false;
                 }
                 Err(e) => {
-                    self.target_failed(index, reason::connect_failed(&e), ctx);
+                    if !self.try_next_address(index, ctx) {
+                        self.target_failed(index, reason::connect_failed(&e), ctx);
+                    }
                     moved = true;
                 }
             }
