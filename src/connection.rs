@@ -38,6 +38,9 @@ use header::HeaderWait;
 pub use report::{ConnectionReport, TargetReport};
 use targets::target_spec;
 
+/// The most one read takes in store mode.
+const STORE_MAX_READ: usize = 256 * 1024;
+
 /// Rounds of reads and writes for one connection per wake-up, so that one
 /// busy device cannot starve the others on its worker.
 const ROUNDS_PER_WAKE: usize = 8;
@@ -62,6 +65,10 @@ pub struct Settings {
     /// Indexed by target number - 1.
     pub targets: [Option<TargetSpec>; MAX_TARGETS],
     pub target_buffer: usize,
+    /// The most one read takes: in store mode a read becomes one message
+    /// (twice its size in hex) waiting in the writer's queue, so reads are
+    /// kept smaller there to bound that queue's memory.
+    pub max_read: usize,
     pub idle_timeout: Option<Duration>,
     pub connect_timeout: Duration,
     /// Whether device connections start with a PROXY protocol header.
@@ -89,6 +96,11 @@ impl Settings {
         Settings {
             targets,
             target_buffer: config.target_buffer,
+            max_read: match config.store {
+                true => STORE_MAX_READ,
+                false => usize::MAX,
+            }
+            .min(config.target_buffer),
             idle_timeout: config.idle_timeout,
             connect_timeout: config.connect_timeout,
             accept_proxy: config.accept_proxy_protocol,
@@ -372,7 +384,7 @@ impl Connection {
         });
         match mandatory_behind {
             true => 0,
-            false => buffer_len.min(settings.target_buffer),
+            false => buffer_len.min(settings.max_read),
         }
     }
 

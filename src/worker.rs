@@ -29,8 +29,11 @@ use crate::message::{Ident, Origin};
 use crate::reason;
 use crate::stats::{self, Counters};
 
-/// The bytes one read may return: a packet is at most this large.
-pub const READ_BUFFER: usize = 256 * 1024;
+/// The worker's read buffer: one read returns at most this much (less in
+/// store mode, see `Settings::max_read`). Large reads mean fewer system
+/// calls per byte (measured: 3 targets x 1 connection, 0.43 -> 0.35 proxy
+/// CPU s/GiB against 256 KiB).
+pub const READ_BUFFER: usize = 1 << 20;
 
 const WAKER: Token = Token(usize::MAX);
 

@@ -216,7 +216,7 @@ impl Connection {
             // Replies wait while the device has not taken the last ones.
             let limit = match spec.replies {
                 true if device_behind => continue,
-                true => ctx.settings.target_buffer.min(buffer.len()),
+                true => ctx.settings.max_read.min(buffer.len()),
                 false => buffer.len(),
             };
             let outcome = link.endpoint.read(&mut buffer[..limit]);
