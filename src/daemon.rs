@@ -25,7 +25,7 @@ use crate::acceptor::{Acceptor, AcceptorSetup};
 use crate::config::Config;
 use crate::connection::{Settings, TargetAddresses};
 use crate::control::{self, Control, ControlSetup};
-use crate::journal::{Journal, JournalSettings, StoreCommand};
+use crate::journal::{BufferPool, Journal, JournalSettings, StoreCommand};
 use crate::limits;
 use crate::resolver;
 use crate::stats::{Counters, Registry};
@@ -87,9 +87,11 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     let listeners = bind_all(&config.listen)?;
 
     let (store_sender, store_receiver) = crossbeam_channel::bounded(STORE_QUEUE);
+    let pool = BufferPool::new();
+    let writer_pool = pool.clone();
     let writer = std::thread::Builder::new()
         .name("writer".into())
-        .spawn(move || store.run(store_receiver))?;
+        .spawn(move || store.run(store_receiver, writer_pool))?;
     let journal_settings = JournalSettings {
         channel_id: config.channel_id,
         protocol_id: config.protocol_id,
@@ -110,6 +112,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
             settings: Arc::clone(&settings),
             journal: Journal::new(
                 store_sender.clone(),
+                pool.clone(),
                 journal_settings,
                 Arc::clone(&counters),
             ),
@@ -137,6 +140,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         workers: handles.clone(),
         journal: Journal::new(
             store_sender.clone(),
+            pool.clone(),
             journal_settings,
             Arc::clone(&registry.acceptor),
         ),

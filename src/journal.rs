@@ -20,6 +20,49 @@ const BATCH_BYTES: usize = 128 * 1024;
 /// A new batch starts this large (below malloc's mmap threshold) and grows.
 const BATCH_START: usize = 16 * 1024;
 
+/// Batch buffers going back from the writer to the journals, so that a busy
+/// store reuses warm memory instead of allocating (and faulting in) a new
+/// buffer for every batch. Bounded: at most `POOL` buffers of at most
+/// `POOL_BUFFER` bytes wait here.
+#[derive(Clone)]
+pub struct BufferPool {
+    give: Sender<Vec<u8>>,
+    take: crossbeam_channel::Receiver<Vec<u8>>,
+}
+
+const POOL: usize = 32;
+const POOL_BUFFER: usize = 1 << 20;
+
+impl BufferPool {
+    pub fn new() -> BufferPool {
+        let (give, take) = crossbeam_channel::bounded(POOL);
+        BufferPool { give, take }
+    }
+
+    /// A buffer back from the writer, or a new one.
+    fn take(&self) -> Vec<u8> {
+        self.take
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(BATCH_START))
+    }
+
+    /// Hands a written batch's buffer back (dropped if the pool is full or
+    /// the buffer grew large).
+    pub fn give(&self, mut buffer: Vec<u8>) {
+        if buffer.capacity() <= POOL_BUFFER {
+            buffer.clear();
+            // A full pool just lets this one go.
+            let _ = self.give.try_send(buffer);
+        }
+    }
+}
+
+impl Default for BufferPool {
+    fn default() -> Self {
+        BufferPool::new()
+    }
+}
+
 /// Whole JSON lines, each ending in `\n`.
 pub struct Batch {
     pub lines: Vec<u8>,
@@ -44,6 +87,7 @@ pub struct JournalSettings {
 
 pub struct Journal {
     sender: Sender<StoreCommand>,
+    pool: BufferPool,
     settings: JournalSettings,
     counters: Arc<Counters>,
     batch: Vec<u8>,
@@ -55,11 +99,13 @@ impl Journal {
     /// A journal that counts the messages it makes in `counters`.
     pub fn new(
         sender: Sender<StoreCommand>,
+        pool: BufferPool,
         settings: JournalSettings,
         counters: Arc<Counters>,
     ) -> Journal {
         Journal {
             sender,
+            pool,
             settings,
             counters,
             batch: Vec::new(),
@@ -110,7 +156,7 @@ impl Journal {
             return;
         }
         let batch = Batch {
-            lines: std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_START)),
+            lines: std::mem::replace(&mut self.batch, self.pool.take()),
             count: std::mem::take(&mut self.count),
         };
         if self.sender.send(StoreCommand::Write(batch)).is_err() && !self.writer_gone_reported {

@@ -28,7 +28,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::{error, info, warn};
 
 use crate::config::Config;
-use crate::journal::StoreCommand;
+use crate::journal::{BufferPool, StoreCommand};
 use crate::rotation::{self, CURRENT};
 use crate::stats::{self, Counters};
 
@@ -146,7 +146,9 @@ impl Store {
     /// The writer loop; returns once every sender is gone and all is
     /// synced, with the number of messages that could not be written (only
     /// ever above 0 when writes kept failing while the daemon was stopping).
-    pub fn run(mut self, receiver: Receiver<StoreCommand>) -> u64 {
+    /// Written batches' buffers go back to the journals through `pool`.
+    pub fn run(mut self, receiver: Receiver<StoreCommand>, pool: BufferPool) -> u64 {
+        self.pending.pool = Some(pool);
         let mut last_housekeeping = Instant::now();
         loop {
             match receiver.recv_timeout(HOUSEKEEPING_EVERY) {
@@ -365,6 +367,8 @@ impl Store {
 #[derive(Default)]
 struct Pending {
     batches: VecDeque<Vec<u8>>,
+    /// Where written batches' buffers go.
+    pool: Option<BufferPool>,
     /// Bytes of the first batch already written.
     written: usize,
     /// Bytes not written yet.
@@ -382,7 +386,9 @@ impl Pending {
     }
 
     fn clear(&mut self) {
-        *self = Pending::default();
+        self.batches.clear();
+        self.written = 0;
+        self.bytes = 0;
     }
 
     /// One vectored write of (up to 64 of) the batches.
@@ -415,7 +421,9 @@ impl Pending {
             }
             n -= left;
             self.written = 0;
-            self.batches.pop_front();
+            if let (Some(done), Some(pool)) = (self.batches.pop_front(), &self.pool) {
+                pool.give(done);
+            }
         }
     }
 }

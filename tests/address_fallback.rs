@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use proxy_channel::config::Config;
 use proxy_channel::connection::Settings;
-use proxy_channel::journal::{Journal, JournalSettings, StoreCommand};
+use proxy_channel::journal::{BufferPool, Journal, JournalSettings, StoreCommand};
 use proxy_channel::message::{Ident, Origin};
 use proxy_channel::stats::Counters;
 use proxy_channel::worker::{Command, Worker, WorkerSetup};
@@ -65,7 +65,12 @@ fn a_refused_address_gives_way_to_the_next_with_nothing_lost() {
     let (worker, thread) = Worker::spawn(WorkerSetup {
         id: 0,
         settings: Arc::new(Settings::new(&config)),
-        journal: Journal::new(store, journal_settings, Arc::clone(&counters)),
+        journal: Journal::new(
+            store,
+            BufferPool::new(),
+            journal_settings,
+            Arc::clone(&counters),
+        ),
         addresses: [vec![refused, good], Vec::new(), Vec::new()],
         open_connections: Arc::new(AtomicUsize::new(1)),
         counters,

@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
-use proxy_channel::journal::{Journal, JournalSettings, StoreCommand};
+use proxy_channel::journal::{BufferPool, Journal, JournalSettings, StoreCommand};
 use proxy_channel::message::{Ident, Origin};
 use proxy_channel::stats::Counters;
 use proxy_channel::store::{Store, StoreSettings};
@@ -29,21 +29,20 @@ const PER_ITERATION: usize = 256;
 
 /// Runs `producers` threads for `window`, then checks the files in `dir`.
 pub fn run(dir: &Path, producers: usize, window: Duration) -> Result<Vec<Metric>, String> {
-    let (sender, writer) = start_store(dir, 64 << 20)?;
+    let writer = start_store(dir, 64 << 20)?;
     let started = Instant::now();
     let deadline = started + window;
     let threads: Vec<_> = (0..producers)
         .map(|p| {
-            let journal = new_journal(sender.clone());
+            let journal = writer.journal();
             std::thread::spawn(move || produce(journal, p, deadline))
         })
         .collect();
-    drop(sender);
     let mut produced = 0u64;
     for thread in threads {
         produced += thread.join().map_err(|_| "a producer panicked")?;
     }
-    let lost = writer.join().map_err(|_| "the writer panicked")?;
+    let lost = writer.finish()?;
     let elapsed = started.elapsed().as_secs_f64();
     let stored = store::scan(dir)?;
     if lost > 0
@@ -69,8 +68,8 @@ const VIEW_FOLDER_BYTES: u64 = 256 << 20;
 /// a scan that selects nothing (`--json --ident` of no connection: reading
 /// and parsing only), and the hex dump of everything to /dev/null.
 pub fn view_scan(dir: &Path, binary: &Path) -> Result<Vec<Metric>, String> {
-    let (sender, writer) = start_store(dir, VIEW_FOLDER_BYTES / 4)?;
-    let mut journal = new_journal(sender);
+    let writer = start_store(dir, VIEW_FOLDER_BYTES / 4)?;
+    let mut journal = writer.journal();
     let payload: Vec<u8> = (0..600u32).map(|i| (i * 7 + 3) as u8).collect();
     let mut written = 0u64;
     let mut n = 0u64;
@@ -89,7 +88,7 @@ pub fn view_scan(dir: &Path, binary: &Path) -> Result<Vec<Metric>, String> {
     }
     journal.flush();
     drop(journal);
-    writer.join().map_err(|_| "the writer panicked")?;
+    writer.finish()?;
     let bytes = store::scan(dir)?.bytes as f64;
     let scan = time_view(binary, &["--json", "--ident", "ffffffffffffffff"], dir)?;
     let dump = time_view(binary, &["--no-color"], dir)?;
@@ -116,12 +115,42 @@ fn time_view(binary: &Path, args: &[&str], dir: &Path) -> Result<f64, String> {
     Ok(started.elapsed().as_secs_f64())
 }
 
-/// The daemon's writer on `dir`, on a thread of its own, and the sender
-/// of its queue; the thread returns the number of messages it lost.
-fn start_store(
-    dir: &Path,
-    rotate_size: u64,
-) -> Result<(Sender<StoreCommand>, JoinHandle<u64>), String> {
+/// The daemon's writer on `dir`, on a thread of its own, as the daemon
+/// runs it.
+struct Writer {
+    sender: Sender<StoreCommand>,
+    pool: BufferPool,
+    /// Returns the number of messages it lost.
+    thread: JoinHandle<u64>,
+}
+
+impl Writer {
+    /// A journal in store mode, as a worker has.
+    fn journal(&self) -> Journal {
+        let settings = JournalSettings {
+            channel_id: 1,
+            protocol_id: 0,
+            store: true,
+            max_payload: 2 << 20,
+        };
+        Journal::new(
+            self.sender.clone(),
+            self.pool.clone(),
+            settings,
+            Arc::new(Counters::default()),
+        )
+    }
+
+    /// Waits for everything handed over to be written.
+    fn finish(self) -> Result<u64, String> {
+        drop(self.sender);
+        self.thread
+            .join()
+            .map_err(|_| "the writer panicked".to_string())
+    }
+}
+
+fn start_store(dir: &Path, rotate_size: u64) -> Result<Writer, String> {
     let settings = StoreSettings {
         dir: dir.to_path_buf(),
         rotate_size,
@@ -132,18 +161,14 @@ fn start_store(
     let store = Store::open(settings, Arc::default(), Arc::new(AtomicBool::new(false)))
         .map_err(|e| e.to_string())?;
     let (sender, receiver) = crossbeam_channel::bounded(64);
-    Ok((sender, std::thread::spawn(move || store.run(receiver))))
-}
-
-/// A journal in store mode, as a worker has.
-fn new_journal(sender: Sender<StoreCommand>) -> Journal {
-    let settings = JournalSettings {
-        channel_id: 1,
-        protocol_id: 0,
-        store: true,
-        max_payload: 2 << 20,
-    };
-    Journal::new(sender, settings, Arc::new(Counters::default()))
+    let pool = BufferPool::new();
+    let writer_pool = pool.clone();
+    let thread = std::thread::spawn(move || store.run(receiver, writer_pool));
+    Ok(Writer {
+        sender,
+        pool,
+        thread,
+    })
 }
 
 /// Makes messages until the deadline; returns how many.
