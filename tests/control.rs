@@ -647,22 +647,11 @@ fn ctl_list_and_close_do_not_give_wrong_answers_while_the_disk_is_full() {
     let ident = log.wait_ident(victim.name(), secs(5));
     let devices: Vec<Device> = (0..4).map(|_| Device::connect(daemon.addr())).collect();
     let (filler, _) = disk.fill("filler.bin");
-    let pace = Pace {
-        every: millis(20),
-        sizes: 100..=1000,
-        threads: 1,
-        limit: secs(30),
-    };
+    let pace = Pace::trickle();
     let load = Load::start(devices, &pace, 1);
     daemon.wait_log("cannot write messages to ", 1, secs(10));
     // Wait until the writer's queue is full and the workers wait.
-    let made = || ctl_json(&socket, &["stats"])["stats"]["messages_queued"].as_u64();
-    let mut last = made();
-    let stalled = poll_until(secs(10), || {
-        std::thread::sleep(millis(250));
-        let now = made();
-        std::mem::replace(&mut last, now) == now
-    });
+    let stalled = workers_stalled(&socket);
     assert!(stalled, "the workers never waited");
     let open = ctl_json(&socket, &["stats"])["stats"]["connections_open"].as_u64();
     let started = Instant::now();

@@ -10,7 +10,6 @@ use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::thread;
 use std::time::Instant;
 
 use util::*;
@@ -464,12 +463,7 @@ fn a_full_disk_is_logged_and_retried_and_nothing_is_lost_once_there_is_room() {
     assert!(filled > 0, "the filler took no room");
 
     let devices: Vec<Device> = (0..4).map(|_| Device::connect(daemon.addr())).collect();
-    let pace = Pace {
-        every: millis(20),
-        sizes: 100..=1000,
-        threads: 1,
-        limit: secs(30),
-    };
+    let pace = Pace::trickle();
     let load = Load::start(devices, &pace, 6_000);
     early.send(b"while the disk is full;");
     let error = daemon.wait_log("cannot write messages to ", 1, secs(10));
@@ -490,13 +484,7 @@ fn a_full_disk_is_logged_and_retried_and_nothing_is_lost_once_there_is_room() {
     assert!(daemon.is_running(), "the daemon died on a full disk");
     // The writer's queue fills and the workers wait: the count of
     // messages made stops growing while the devices go on sending.
-    let made = || ctl_json(&socket, &["stats"])["stats"]["messages_queued"].as_u64();
-    let mut last = made();
-    let stalled = poll_until(secs(10), || {
-        thread::sleep(millis(250));
-        let now = made();
-        std::mem::replace(&mut last, now) == now
-    });
+    let stalled = workers_stalled(&socket);
     assert!(
         stalled,
         "the workers went on making messages on a full disk"
@@ -630,12 +618,7 @@ fn sigterm_on_a_full_disk_exits_after_a_grace_period_and_says_what_was_lost() {
     let mut daemon = Daemon::start_in(disk.path(), &[("PROXY_CONTROL_SOCKET", "off")]);
     let (_filler, _) = disk.fill("filler.bin");
     let devices: Vec<Device> = (0..4).map(|_| Device::connect(daemon.addr())).collect();
-    let pace = Pace {
-        every: millis(20),
-        sizes: 100..=1000,
-        threads: 1,
-        limit: secs(30),
-    };
+    let pace = Pace::trickle();
     let load = Load::start(devices, &pace, 6_000);
     daemon.wait_log("cannot write messages to ", 1, secs(10));
     let asked = Instant::now();

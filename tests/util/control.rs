@@ -9,7 +9,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use super::{Finished, daemon_command, run_command_to_exit, secs};
+use super::{Finished, daemon_command, millis, poll_until, run_command_to_exit, secs};
 
 /// `proxy-channel ctl ARGS --socket SOCKET`, run to its end (10 s at most).
 pub fn run_ctl(socket: &Path, args: &[&str]) -> Finished {
@@ -119,4 +119,17 @@ print(json.dumps(families))
         String::from_utf8_lossy(&output.stderr)
     );
     serde_json::from_slice(&output.stdout).expect("the parser's JSON")
+}
+
+/// Waits until the workers wait for the writer: the count of messages
+/// made (from `ctl stats`) stops growing while devices go on sending.
+/// False if it kept growing for 10 s.
+pub fn workers_stalled(socket: &Path) -> bool {
+    let made = || ctl_json(socket, &["stats"])["stats"]["messages_queued"].as_u64();
+    let mut last = made();
+    poll_until(secs(10), || {
+        std::thread::sleep(millis(250));
+        let now = made();
+        std::mem::replace(&mut last, now) == now
+    })
 }

@@ -52,6 +52,19 @@ pub struct Pace {
     pub limit: Duration,
 }
 
+impl Pace {
+    /// A steady trickle of small packets, one thread: enough to keep the
+    /// writer busy (or stuck on a full disk) for up to 30 s.
+    pub fn trickle() -> Pace {
+        Pace {
+            every: Duration::from_millis(20),
+            sizes: 100..=1000,
+            threads: 1,
+            limit: Duration::from_secs(30),
+        }
+    }
+}
+
 /// A running load; [`Load::finish`] stops it and hands the devices back.
 pub struct Load {
     stop: Arc<AtomicBool>,
