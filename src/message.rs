@@ -7,8 +7,8 @@
 //! random-looking yet unique within a run (a bijective mix of a counter).
 
 use std::borrow::Cow;
-use std::io::Write as _;
 use std::fmt;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
