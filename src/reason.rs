@@ -58,16 +58,6 @@ pub fn mandatory_closed(number: u8) -> Reason {
     format!("mandatory target {number} closed").into()
 }
 
-/// Whether an error is an ordinary end of a connection (logged at debug)
-/// rather than something a person should look at.
-pub fn is_ordinary(error: &io::Error) -> bool {
-    use io::ErrorKind::*;
-    matches!(
-        error.kind(),
-        ConnectionReset | BrokenPipe | ConnectionRefused | ConnectionAborted | UnexpectedEof
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,13 +71,11 @@ mod tests {
         );
         let reset = io::Error::from_raw_os_error(libc::ECONNRESET);
         assert_eq!(describe(&reset), RESET_BY_PEER);
-        assert!(is_ordinary(&reset));
     }
 
     #[test]
     fn other_errors_keep_the_system_words_without_the_number() {
         let error = io::Error::from_raw_os_error(libc::EMFILE);
         assert_eq!(describe(&error), "too many open files");
-        assert!(!is_ordinary(&error));
     }
 }
