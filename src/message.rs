@@ -183,30 +183,19 @@ fn write_time(out: &mut Vec<u8>, time: Micros) {
     write_number(out, time.0 / 1_000_000);
     let micros = time.0 % 1_000_000;
     let mut fraction = *b".000000";
-    let digits = itoa::Buffer::new().format(micros).as_bytes().to_vec();
-    fraction[7 - digits.len()..].copy_from_slice(&digits);
+    let mut buffer = itoa::Buffer::new();
+    let digits = buffer.format(micros).as_bytes();
+    fraction[7 - digits.len()..].copy_from_slice(digits);
     out.extend_from_slice(&fraction);
 }
 
-/// Each byte's two lowercase hex digits.
-const HEX_PAIRS: [[u8; 2]; 256] = {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut pairs = [[0u8; 2]; 256];
-    let mut byte = 0;
-    while byte < 256 {
-        pairs[byte] = [DIGITS[byte >> 4], DIGITS[byte & 0xf]];
-        byte += 1;
-    }
-    pairs
-};
-
-/// Lowercase hex of `bytes`.
+/// Lowercase hex of `bytes`. faster-hex encodes with SIMD where the CPU
+/// has it (measured on 256 KiB: 30 GB/s against 4.6 GB/s for a table of
+/// digit pairs); in store mode every device byte goes through here.
 pub fn write_hex(out: &mut Vec<u8>, bytes: &[u8]) {
     let start = out.len();
     out.resize(start + bytes.len() * 2, 0);
-    for (pair, &byte) in out[start..].chunks_exact_mut(2).zip(bytes) {
-        pair.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
-    }
+    faster_hex::hex_encode(bytes, &mut out[start..]).expect("sized for two digits a byte");
 }
 
 /// A JSON string, escaped as serde_json does: `\"`, `\\`, `\n`, `\r`,
@@ -372,5 +361,17 @@ mod tests {
         write_time(&mut out, Micros(1_795_000_000_000_007));
         assert_eq!(out, b"1795000000.000007");
         assert!(Micros::now().as_seconds() > 1.7e9);
+    }
+
+    #[test]
+    fn hex_is_lowercase_pairs_for_every_byte_and_length() {
+        // Every byte value, at every length up to past the widest SIMD
+        // block, and appended after what the line already holds.
+        let bytes: Vec<u8> = (0..=255u8).chain(0..=255u8).collect();
+        for len in 0..=bytes.len() {
+            let mut out = b"x".to_vec();
+            write_hex(&mut out, &bytes[..len]);
+            assert_eq!(&out[1..], hex::encode(&bytes[..len]).as_bytes(), "{len}");
+        }
     }
 }
