@@ -160,6 +160,8 @@ fn run_case(
     if let Err(e) = std::fs::remove_dir_all(&setup.work_dir) {
         eprintln!("loadgen: cannot remove {}: {e}", setup.work_dir.display());
     }
+    // Only store cases in memory make it.
+    let _ = std::fs::remove_dir_all(setup.memory_dir());
     let mut line = serde_json::json!({ "case": case.name, "proxy": kind.name(), "round": round });
     let code = match result {
         Ok(metrics) => {

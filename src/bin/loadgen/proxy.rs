@@ -42,6 +42,20 @@ impl Kind {
     }
 }
 
+/// proxy-channel's store mode, and where its message files go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Store {
+    Off,
+    /// Files on the work folder's file system (a disk, usually): the
+    /// figures are bound by how fast that disk takes writes.
+    Disk,
+    /// Files on tmpfs (`/dev/shm`): the daemon's own cost, with no disk.
+    Memory,
+}
+
+/// Where [`Store::Memory`] data folders go.
+const TMPFS: &str = "/dev/shm";
+
 /// How to start either proxy.
 #[derive(Clone, Debug)]
 pub struct Setup {
@@ -78,7 +92,7 @@ impl Running {
         kind: Kind,
         setup: &Setup,
         targets: &[SocketAddr],
-        store: bool,
+        store: Store,
     ) -> Result<Running, String> {
         Running::start_with(kind, setup, targets, store, &[])
     }
@@ -90,7 +104,7 @@ impl Running {
         kind: Kind,
         setup: &Setup,
         targets: &[SocketAddr],
-        store: bool,
+        store: Store,
         extra: &[(&str, &str)],
     ) -> Result<Running, String> {
         if kind == Kind::Direct {
@@ -109,7 +123,7 @@ impl Running {
         let mut data_dir = None;
         let mut command = match kind {
             Kind::ProxyChannel => {
-                let dir = setup.work_dir.join(format!("data-{}", listen.port()));
+                let dir = data_folder(setup, store, listen);
                 std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
                 let mut command = Command::new(&setup.proxy_channel);
                 for (name, _) in std::env::vars_os() {
@@ -119,7 +133,7 @@ impl Running {
                 }
                 command
                     .env("PROXY_LISTEN", listen.to_string())
-                    .env("PROXY_STORE", store.to_string())
+                    .env("PROXY_STORE", (store != Store::Off).to_string())
                     .env("PROXY_DATA_DIR", &dir)
                     .env("PROXY_WORKERS", setup.threads.to_string())
                     .env("PROXY_CONTROL_SOCKET", "off")
@@ -135,7 +149,7 @@ impl Running {
                 command
             }
             Kind::Haproxy => {
-                if targets.len() != 1 || store {
+                if targets.len() != 1 || store != Store::Off {
                     return Err("haproxy runs only with one target and no store".into());
                 }
                 let config = haproxy_config(setup, listen, targets[0])?;
@@ -289,6 +303,24 @@ impl Drop for Running {
 }
 
 /// A loopback port nobody listens on right now.
+impl Setup {
+    /// The folder under tmpfs for [`Store::Memory`] data, named like the
+    /// work folder; removed with it.
+    pub fn memory_dir(&self) -> PathBuf {
+        let name = self.work_dir.file_name().unwrap_or("loadgen".as_ref());
+        Path::new(TMPFS).join(name)
+    }
+}
+
+/// proxy-channel's data folder for a proxy listening on `listen`.
+fn data_folder(setup: &Setup, store: Store, listen: SocketAddr) -> PathBuf {
+    let root = match store {
+        Store::Memory => setup.memory_dir(),
+        Store::Off | Store::Disk => setup.work_dir.clone(),
+    };
+    root.join(format!("data-{}", listen.port()))
+}
+
 fn free_port() -> Result<SocketAddr, String> {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())

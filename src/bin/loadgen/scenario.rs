@@ -18,7 +18,7 @@ use hdrhistogram::Histogram;
 
 use crate::capacity;
 use crate::device::Devices;
-use crate::proxy::{self, Kind, Running, Setup};
+use crate::proxy::{self, Kind, Running, Setup, Store};
 use crate::store;
 use crate::target::{Outcome, Target};
 use crate::trackers::Fleet;
@@ -35,7 +35,7 @@ pub enum What {
     Stream {
         targets: usize,
         conns: usize,
-        store: bool,
+        store: Store,
         /// proxy-channel writes its metrics file every 100 ms.
         metrics: bool,
     },
@@ -62,7 +62,7 @@ const ALL: &[Kind] = &[Kind::ProxyChannel, Kind::Haproxy, Kind::Direct];
 const BOTH: &[Kind] = &[Kind::ProxyChannel, Kind::Haproxy];
 const PC: &[Kind] = &[Kind::ProxyChannel];
 
-const fn streams(targets: usize, conns: usize, store: bool) -> What {
+const fn streams(targets: usize, conns: usize, store: Store) -> What {
     What::Stream {
         targets,
         conns,
@@ -75,13 +75,14 @@ const fn streams(targets: usize, conns: usize, store: bool) -> What {
 #[rustfmt::skip]
 pub const CASES: &[Case] = &[
     Case { name: "startup", proxies: BOTH, what: What::Startup },
-    Case { name: "stream-1t-1c", proxies: ALL, what: streams(1, 1, false) },
-    Case { name: "stream-1t-8c", proxies: ALL, what: streams(1, 8, false) },
-    Case { name: "stream-1t-8c-metrics", proxies: PC, what: What::Stream { targets: 1, conns: 8, store: false, metrics: true } },
-    Case { name: "stream-3t-1c", proxies: PC, what: streams(3, 1, false) },
-    Case { name: "stream-3t-8c", proxies: PC, what: streams(3, 8, false) },
-    Case { name: "store-3t-1c", proxies: PC, what: streams(3, 1, true) },
-    Case { name: "store-3t-8c", proxies: PC, what: streams(3, 8, true) },
+    Case { name: "stream-1t-1c", proxies: ALL, what: streams(1, 1, Store::Off) },
+    Case { name: "stream-1t-8c", proxies: ALL, what: streams(1, 8, Store::Off) },
+    Case { name: "stream-1t-8c-metrics", proxies: PC, what: What::Stream { targets: 1, conns: 8, store: Store::Off, metrics: true } },
+    Case { name: "stream-3t-1c", proxies: PC, what: streams(3, 1, Store::Off) },
+    Case { name: "stream-3t-8c", proxies: PC, what: streams(3, 8, Store::Off) },
+    Case { name: "store-3t-1c", proxies: PC, what: streams(3, 1, Store::Memory) },
+    Case { name: "store-3t-8c", proxies: PC, what: streams(3, 8, Store::Memory) },
+    Case { name: "store-3t-8c-disk", proxies: PC, what: streams(3, 8, Store::Disk) },
     Case { name: "store-100b", proxies: PC, what: What::StoreSmall { conns: 1000, rate: Some(500_000.0) } },
     Case { name: "store-100b-max", proxies: PC, what: What::StoreSmall { conns: 100, rate: None } },
     Case { name: "store-capacity", proxies: PC, what: What::StoreCapacity },
@@ -258,7 +259,7 @@ const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
 fn startup(kind: Kind, setup: &Setup) -> Result<Vec<Metric>, String> {
     let targets = start_targets(1)?;
-    let proxy = Running::start(kind, setup, &[targets[0].addr], false)?;
+    let proxy = Running::start(kind, setup, &[targets[0].addr], Store::Off)?;
     let devices = Devices::start(Mode::Stream, proxy.listen, 1, None)?;
     while targets[0].shared.bytes.load(Relaxed) == 0 {
         if proxy.spawned.elapsed() > Duration::from_secs(10) {
@@ -300,7 +301,7 @@ fn stream(
     setup: &Setup,
     timing: Timing,
     (target_count, conns): (usize, usize),
-    store: bool,
+    store: Store,
     metrics: bool,
 ) -> Result<Vec<Metric>, String> {
     let targets = start_targets(target_count)?;
@@ -346,7 +347,7 @@ fn stream(
         metrics.push(("cpu_s_per_gib", (after.cpu - before.cpu) / (mean / GIB)));
         metrics.push(("cpu_cores", (after.cpu - before.cpu) / secs));
     }
-    if store {
+    if store != Store::Off {
         let dir = data_dir.ok_or("store on needs proxy-channel")?;
         let stored = store::scan(&dir)?;
         check_stored(&stored, &outcome.sent)?;
@@ -354,7 +355,30 @@ fn stream(
         metrics.push(("file_msgs_per_s", stored.lines as f64 / traffic));
         remove_dir(&dir);
     }
+    if store == Store::Disk {
+        metrics.push(("disk_write_mbs", disk_write_rate(&setup.work_dir)?));
+    }
     Ok(metrics)
+}
+
+/// The reference for store cases on disk: MB/s of writing 1 GiB in 1 MiB
+/// writes to a new file in `dir` and syncing it (what `dd conv=fdatasync`
+/// measures).
+fn disk_write_rate(dir: &std::path::Path) -> Result<f64, String> {
+    use std::io::Write;
+    const TOTAL: usize = 1 << 30;
+    let path = dir.join("disk-write-rate");
+    let fail = |e: std::io::Error| format!("{}: {e}", path.display());
+    let chunk = vec![0x5a_u8; 1 << 20];
+    let started = Instant::now();
+    let mut file = std::fs::File::create(&path).map_err(fail)?;
+    for _ in 0..TOTAL / chunk.len() {
+        file.write_all(&chunk).map_err(fail)?;
+    }
+    file.sync_data().map_err(fail)?;
+    let secs = started.elapsed().as_secs_f64();
+    std::fs::remove_file(&path).map_err(fail)?;
+    Ok(TOTAL as f64 / secs / MB)
 }
 
 /// Checks that the message files hold exactly the device bytes sent
@@ -377,7 +401,7 @@ fn store_small(
     rate: Option<f64>,
 ) -> Result<Vec<Metric>, String> {
     let targets = start_targets(1)?;
-    let mut proxy = Running::start(Kind::ProxyChannel, setup, &[targets[0].addr], true)?;
+    let mut proxy = Running::start(Kind::ProxyChannel, setup, &[targets[0].addr], Store::Disk)?;
     let pace = rate.map(|rate| rate / conns as f64);
     let devices = Devices::start(Mode::Flood, proxy.listen, conns, pace)?;
     let started = Instant::now();
@@ -419,7 +443,7 @@ fn view_scan(setup: &Setup) -> Result<Vec<Metric>, String> {
 
 fn echo(kind: Kind, setup: &Setup, timing: Timing, conns: usize) -> Result<Vec<Metric>, String> {
     let targets = start_targets(1)?;
-    let mut proxy = Running::start(kind, setup, &[targets[0].addr], false)?;
+    let mut proxy = Running::start(kind, setup, &[targets[0].addr], Store::Off)?;
     let devices = Devices::start(Mode::Echo, proxy.listen, conns, None)?;
     std::thread::sleep(timing.warmup);
     devices.shared.measuring.store(true, Relaxed);
@@ -458,7 +482,7 @@ const CONNECT_DEADLINE: Duration = Duration::from_secs(60);
 
 fn trackers(kind: Kind, setup: &Setup, count: usize, secs: u32) -> Result<Vec<Metric>, String> {
     let targets = start_targets(1)?;
-    let mut proxy = Running::start(kind, setup, &[targets[0].addr], false)?;
+    let mut proxy = Running::start(kind, setup, &[targets[0].addr], Store::Off)?;
     std::thread::sleep(Duration::from_millis(300));
     let pss_before = proxy.pss_kib();
     let connecting = Instant::now();
