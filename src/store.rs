@@ -7,12 +7,14 @@
 //! that fails (disk full, folder gone) is logged once per kind and retried
 //! with backoff while the channel fills up and holds the workers back:
 //! nothing that entered the channel is dropped. Rotation and shutdown fsync
-//! the file and the folder. If `messages.jsonl` is moved or deleted under it
-//! (logrotate), the writer notices before its next write and starts a new
-//! one. One exception to "nothing is dropped": when the daemon is stopping
-//! and writes have failed for SHUTDOWN_GRACE, the rest is given up, logged
-//! and counted, so that a full disk cannot keep the daemon from exiting. A
-//! lock file keeps a second daemon out of the folder.
+//! the file and the folder; a rotated file is synced by `store/syncer.rs`
+//! on a thread of its own while the writer goes on with the new one. If
+//! `messages.jsonl` is moved or deleted under it (logrotate), the writer
+//! notices before its next write and starts a new one. One exception to
+//! "nothing is dropped": when the daemon is stopping and writes have failed
+//! for SHUTDOWN_GRACE, the rest is given up, logged and counted, so that a
+//! full disk cannot keep the daemon from exiting. A lock file keeps a
+//! second daemon out of the folder.
 
 use std::collections::{HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -31,6 +33,9 @@ use crate::config::Config;
 use crate::journal::{BufferPool, StoreCommand};
 use crate::rotation::{self, CURRENT};
 use crate::stats::{self, Counters};
+
+mod syncer;
+use syncer::{Syncer, sync_dir, sync_file};
 
 /// Write once this much is buffered, even if more is waiting.
 const WRITE_CHUNK: usize = 1 << 20;
@@ -103,6 +108,7 @@ pub struct Store {
     pending_lines: u64,
     lines_written: u64,
     counters: Arc<Counters>,
+    syncer: Syncer,
 }
 
 impl Store {
@@ -120,6 +126,7 @@ impl Store {
         let lock = lock_folder(&settings.dir).map_err(fail)?;
         let path = settings.dir.join(CURRENT);
         let current = open_current(&path).map_err(fail)?;
+        let syncer = Syncer::start(settings.dir.clone()).map_err(fail)?;
         let mut store = Store {
             settings,
             path,
@@ -134,6 +141,7 @@ impl Store {
             pending_lines: 0,
             lines_written: 0,
             counters,
+            syncer,
         };
         store.apply_retention();
         Ok(store)
@@ -171,7 +179,8 @@ impl Store {
             }
         }
         self.write_pending();
-        self.sync("shutdown");
+        self.syncer.finish();
+        self.sync_current();
         info!("message writer stopped after {} lines", self.lines_written);
         self.lost
     }
@@ -282,7 +291,6 @@ impl Store {
         if self.current.size == 0 {
             return;
         }
-        self.sync(why);
         let target = rotation::next_rotated_path(&self.settings.dir, SystemTime::now());
         let renamed = fs::rename(&self.path, &target).and_then(|()| open_current(&self.path));
         match renamed {
@@ -293,9 +301,9 @@ impl Store {
                     target.display(),
                     self.current.size
                 );
-                self.current = current;
+                let rotated = std::mem::replace(&mut self.current, current);
+                self.syncer.sync(rotated.file, &target);
                 self.rotate_retry_at = None;
-                sync_dir(&self.settings.dir);
                 self.apply_retention();
             }
             Err(e) => {
@@ -306,14 +314,13 @@ impl Store {
     }
 
     /// If `messages.jsonl` is no longer our open file (moved or deleted),
-    /// syncs ours and opens a new one at the path.
+    /// opens a new one at the path and has ours synced.
     fn follow_moved_file(&mut self) {
         let ours =
             fs::metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.current.identity);
         if ours {
             return;
         }
-        self.sync("moved");
         let reopened =
             fs::create_dir_all(&self.settings.dir).and_then(|()| open_current(&self.path));
         match reopened {
@@ -322,8 +329,8 @@ impl Store {
                     "{} was moved or removed; started a new one",
                     self.path.display()
                 );
-                self.current = current;
-                sync_dir(&self.settings.dir);
+                let moved = std::mem::replace(&mut self.current, current);
+                self.syncer.sync(moved.file, &self.path);
             }
             Err(e) => {
                 if self.reported.insert(e.kind()) {
@@ -355,10 +362,8 @@ impl Store {
         }
     }
 
-    fn sync(&mut self, why: &str) {
-        if let Err(e) = self.current.file.sync_all() {
-            warn!("cannot sync {} ({why}): {e}", self.path.display());
-        }
+    fn sync_current(&self) {
+        sync_file(&self.current.file, &self.path);
         sync_dir(&self.settings.dir);
     }
 }
@@ -480,10 +485,4 @@ fn lock_folder(dir: &Path) -> io::Result<File> {
         return Err(error);
     }
     Ok(file)
-}
-
-fn sync_dir(dir: &Path) {
-    if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
-        warn!("cannot sync folder {}: {e}", dir.display());
-    }
 }

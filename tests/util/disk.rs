@@ -1,5 +1,6 @@
-//! A small tmpfs to fill up, for write-failure tests. It needs root (the
-//! tests run as root, here and in CI); it is unmounted when dropped.
+//! Disks for the store's tests: a small tmpfs to fill up (write failures)
+//! and a slow disk (a throttled loop device). Both need root (the tests run
+//! as root, here and in CI) and are unmounted when dropped.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -70,4 +71,97 @@ impl Drop for Tmpfs {
             .arg(self.dir.path())
             .status();
     }
+}
+
+/// Where cgroup v1 throttles writes to a block device for every task.
+const WRITE_THROTTLE: &str = "/sys/fs/cgroup/blkio/blkio.throttle.write_bps_device";
+
+/// A slow disk: ext4 on a loop device whose writes the kernel throttles
+/// (cgroup v1 blkio, for every task) to a given rate, like an SD card.
+/// Needs root; unmounted and detached when dropped.
+pub struct SlowDisk {
+    mount_point: tempfile::TempDir,
+    /// Holds the loop device's backing file.
+    _image_dir: tempfile::TempDir,
+    device: String,
+    /// `major:minor` of the loop device.
+    numbers: String,
+}
+
+impl SlowDisk {
+    /// A 256 MiB file system taking `bytes_per_sec` of writes; fails the
+    /// test, saying why, if it cannot be made.
+    pub fn mount(bytes_per_sec: u64) -> SlowDisk {
+        let image_dir = tempfile::tempdir().expect("a folder for the image");
+        let image = image_dir.path().join("disk.img");
+        File::create(&image)
+            .and_then(|f| f.set_len(256 << 20))
+            .expect("create the disk image");
+        let device = run("losetup", &["-f", "--show", &image.to_string_lossy()]);
+        let mount_point = tempfile::tempdir().expect("a mount point");
+        let disk = SlowDisk {
+            numbers: device_numbers(&device),
+            device,
+            mount_point,
+            _image_dir: image_dir,
+        };
+        run("mkfs.ext4", &["-q", &disk.device]);
+        run(
+            "mount",
+            &[&disk.device, &disk.mount_point.path().to_string_lossy()],
+        );
+        disk.throttle(bytes_per_sec);
+        disk
+    }
+
+    pub fn path(&self) -> &Path {
+        self.mount_point.path()
+    }
+
+    /// 0 lifts the limit.
+    fn throttle(&self, bytes_per_sec: u64) {
+        let rule = format!("{} {bytes_per_sec}", self.numbers);
+        if let Err(e) = std::fs::write(WRITE_THROTTLE, &rule) {
+            if bytes_per_sec > 0 {
+                panic!(
+                    "cannot throttle {} ({WRITE_THROTTLE}: {e}; this test needs cgroup v1 blkio and root)",
+                    self.device
+                );
+            }
+        }
+    }
+}
+
+impl Drop for SlowDisk {
+    fn drop(&mut self) {
+        self.throttle(0);
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.mount_point.path())
+            .status();
+        let _ = Command::new("losetup").args(["-d", &self.device]).status();
+    }
+}
+
+/// Runs a setup command; fails the test with its stderr if it fails.
+fn run(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program} (this test needs it, and root): {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed (this test needs root): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+/// `major:minor` of a block device.
+fn device_numbers(device: &str) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(device)
+        .unwrap_or_else(|e| panic!("{device}: {e}"))
+        .rdev();
+    format!("{}:{}", libc::major(rdev), libc::minor(rdev))
 }

@@ -12,7 +12,7 @@
 //! socket, the metrics parser), `messages` (the message files),
 //! `device` (device clients), `load` (many devices at a steady pace),
 //! `target` (target servers), `sockets` (socket options and a refusing
-//! port) and `disk` (a tmpfs to fill up).
+//! port) and `disk` (a tmpfs to fill up, a slow disk).
 #![allow(dead_code)] // each test file uses its own subset of the helpers
 
 mod control;
