@@ -1,6 +1,6 @@
 //! Issue 7, behind a load balancer: the PROXY protocol in and out, proved
-//! against the real HAProxy (the Debian package; the tests fail, loudly, if
-//! `haproxy` is not installed).
+//! against the real HAProxy (the Debian package, installed by the tests if
+//! missing: `util::haproxy_binary`).
 //!
 //! - HAProxy balancing devices over two instances with `send-proxy-v2` (and
 //!   `send-proxy`, v1), health checks on: every device's `peer` is its own
@@ -25,7 +25,7 @@ mod util;
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -35,25 +35,6 @@ use serde_json::Value;
 use util::*;
 
 // ---------------------------------------------------------------- HAProxy
-
-/// The haproxy binary: on PATH, or where distributions put it.
-fn haproxy_binary() -> PathBuf {
-    let mut folders: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).collect())
-        .unwrap_or_default();
-    folders.extend(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from));
-    folders
-        .into_iter()
-        .map(|folder| folder.join("haproxy"))
-        .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "haproxy is not installed: the load-balancer interop tests run a real HAProxy \
-                 (Debian/Ubuntu: apt-get install haproxy); searched PATH, /usr/sbin, \
-                 /usr/local/sbin and /sbin"
-            )
-        })
-}
 
 /// `n` distinct loopback ports that were free a moment ago.
 fn free_ports(n: usize) -> Vec<u16> {

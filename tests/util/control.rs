@@ -86,7 +86,7 @@ impl ControlClient {
 }
 
 /// Parses a Prometheus text file with the Prometheus client's own parser
-/// (python3 with the prometheus-client package, which .ci/run installs):
+/// (python3 with the prometheus-client package, installed if missing):
 /// one JSON object per family with its name, type, help and samples (name,
 /// labels, value). Fails the test if the parser is missing or refuses it.
 pub fn parse_prometheus(path: &Path) -> Vec<Value> {
@@ -104,13 +104,12 @@ for family in text_string_to_metric_families(open(sys.argv[1]).read()):
     })
 print(json.dumps(families))
 "#;
+    super::ensure_prometheus_client();
     let output = Command::new("python3")
         .args(["-c", SCRIPT])
         .arg(path)
         .output()
-        .unwrap_or_else(|e| {
-            panic!("this test needs python3 with prometheus-client (.ci/run installs it): {e}")
-        });
+        .unwrap_or_else(|e| panic!("this test needs python3 with prometheus-client: {e}"));
     assert!(
         output.status.success(),
         "the Prometheus parser refused {} (or python3 -m pip install prometheus-client \

@@ -12,13 +12,15 @@
 //! socket, the metrics parser), `messages` (the message files),
 //! `device` (device clients), `load` (many devices at a steady pace),
 //! `target` (target servers), `sockets` (socket options and a refusing
-//! port) and `disk` (a tmpfs to fill up, a slow disk).
+//! port), `disk` (a tmpfs to fill up, a slow disk) and `install` (haproxy
+//! and prometheus-client, installed when missing).
 #![allow(dead_code)] // each test file uses its own subset of the helpers
 
 mod control;
 mod daemon;
 mod device;
 mod disk;
+mod install;
 mod load;
 mod messages;
 mod sockets;
@@ -33,6 +35,8 @@ pub use daemon::*;
 pub use device::*;
 #[allow(unused_imports)]
 pub use disk::*;
+#[allow(unused_imports)]
+pub use install::*;
 #[allow(unused_imports)]
 pub use load::*;
 #[allow(unused_imports)]
