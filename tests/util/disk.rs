@@ -7,6 +7,8 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use super::run_setup;
+
 /// A tmpfs of a given size mounted on a fresh temporary folder.
 pub struct Tmpfs {
     dir: tempfile::TempDir,
@@ -97,7 +99,7 @@ impl SlowDisk {
         File::create(&image)
             .and_then(|f| f.set_len(256 << 20))
             .expect("create the disk image");
-        let device = run("losetup", &["-f", "--show", &image.to_string_lossy()]);
+        let device = run_setup("losetup", &["-f", "--show", &image.to_string_lossy()]);
         let mount_point = tempfile::tempdir().expect("a mount point");
         let disk = SlowDisk {
             numbers: device_numbers(&device),
@@ -105,8 +107,8 @@ impl SlowDisk {
             mount_point,
             _image_dir: image_dir,
         };
-        run("mkfs.ext4", &["-q", &disk.device]);
-        run(
+        run_setup("mkfs.ext4", &["-q", &disk.device]);
+        run_setup(
             "mount",
             &[&disk.device, &disk.mount_point.path().to_string_lossy()],
         );
@@ -141,20 +143,6 @@ impl Drop for SlowDisk {
             .status();
         let _ = Command::new("losetup").args(["-d", &self.device]).status();
     }
-}
-
-/// Runs a setup command; fails the test with its stderr if it fails.
-fn run(program: &str, args: &[&str]) -> String {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} (this test needs it, and root): {e}"));
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed (this test needs root): {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
 }
 
 /// `major:minor` of a block device.

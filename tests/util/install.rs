@@ -14,8 +14,8 @@ pub fn haproxy_binary() -> PathBuf {
     HAPROXY
         .get_or_init(|| {
             find_haproxy().unwrap_or_else(|| {
-                run_install("apt-get", &["update", "-qq"]);
-                run_install("apt-get", &["install", "-y", "-qq", "haproxy"]);
+                run_setup("apt-get", &["update", "-qq"]);
+                run_setup("apt-get", &["install", "-y", "-qq", "haproxy"]);
                 find_haproxy().unwrap_or_else(|| {
                     panic!(
                         "haproxy is not installed and apt-get did not install it: the \
@@ -39,7 +39,7 @@ pub fn ensure_prometheus_client() {
                 .is_ok_and(|out| out.status.success())
         };
         if !importable() {
-            run_install(
+            run_setup(
                 "python3",
                 &[
                     "-m",
@@ -65,15 +65,18 @@ fn find_haproxy() -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-fn run_install(program: &str, args: &[&str]) {
+/// Runs a command that sets up what a test needs (the tests run as root);
+/// fails the test with its stderr if it fails; returns its stdout, trimmed.
+pub fn run_setup(program: &str, args: &[&str]) -> String {
     let output = Command::new(program)
         .args(args)
         .env("DEBIAN_FRONTEND", "noninteractive")
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} to install what this test needs: {e}"));
+        .unwrap_or_else(|e| panic!("cannot run {program} (a test needs it, and root): {e}"));
     assert!(
         output.status.success(),
-        "{program} {args:?} failed (the tests install what they need as root): {}",
+        "{program} {args:?} failed (the tests set up what they need as root): {}",
         String::from_utf8_lossy(&output.stderr)
     );
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
 }
