@@ -19,7 +19,7 @@
 #   --only     a subset of cases, e.g. --only echo-50c,trackers
 #              (the list: target/release/loadgen cases)
 #   --out      results file (default target/bench/results.jsonl)
-# The full run takes about 8 minutes on 2 cores. Exit status 1 if any run
+# The full run takes about 9 minutes on 2 cores. Exit status 1 if any run
 # failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -201,7 +201,7 @@ pub fn print(text: &str) -> Result<bool, String> {
         "haproxy column of \"3t\" and \"store 3t\" rows: haproxy's one-target figure (haproxy has no fan-out, no store)"
     );
     println!(
-        "store \"tmpfs\" rows: message files in /dev/shm (the daemon's own cost); \"disk\" rows: on the work folder's disk, bound by it"
+        "store \"tmpfs\" rows: message files in /dev/shm (the daemon's own cost); \"disk\" rows: on the work folder's disk (a short run fits in its page cache)"
     );
     let noise: Vec<f64> = figures
         .iter()
