@@ -79,10 +79,15 @@ pub fn rotated_files(dir: &Path) -> io::Result<Vec<RotatedFile>> {
     Ok(files)
 }
 
+/// Counters have three digits, so that names sort by age: a thousand
+/// rotations within one second use up that second's names.
+const LAST_COUNTER: u32 = 999;
+
 /// The name for a file rotated now: a counter one past the highest of
 /// this second's names still in `dir`, so that a name freed by retention
-/// is never reused out of order.
-pub fn next_rotated_path(dir: &Path, now: SystemTime) -> PathBuf {
+/// is never reused out of order. None once the second's names are used up
+/// (rotation then waits for the next second).
+pub fn next_rotated_path(dir: &Path, now: SystemTime) -> Option<PathBuf> {
     let second = parse_rotated_name(&rotated_name(now, 0)).map(|(time, _)| time);
     let highest = rotated_files(dir)
         .unwrap_or_default()
@@ -91,7 +96,7 @@ pub fn next_rotated_path(dir: &Path, now: SystemTime) -> PathBuf {
         .map(|file| file.counter)
         .max();
     let counter = highest.map_or(0, |c| c.saturating_add(1));
-    dir.join(rotated_name(now, counter))
+    (counter <= LAST_COUNTER).then(|| dir.join(rotated_name(now, counter)))
 }
 
 /// The rotated files to delete: beyond the newest `keep` ones, or rotated
@@ -164,12 +169,36 @@ mod tests {
         // Counter 0 was deleted by retention; the next must still sort last.
         assert_eq!(
             next_rotated_path(dir.path(), now),
-            dir.path().join(rotated_name(now, 3))
+            Some(dir.path().join(rotated_name(now, 3)))
         );
         let later = at(1_795_000_001);
         assert_eq!(
             next_rotated_path(dir.path(), later),
-            dir.path().join(rotated_name(later, 0))
+            Some(dir.path().join(rotated_name(later, 0)))
+        );
+    }
+
+    #[test]
+    fn a_second_has_a_thousand_names_and_they_sort_by_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = at(1_795_000_000);
+        let mut names = Vec::new();
+        while let Some(path) = next_rotated_path(dir.path(), now) {
+            std::fs::File::create(&path).unwrap();
+            names.push(path.file_name().unwrap().to_string_lossy().into_owned());
+            assert!(
+                names.len() <= 1000,
+                "more than a thousand names in a second"
+            );
+        }
+        assert_eq!(names.len(), 1000);
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(sorted, names, "name order is rotation order");
+        let later = at(1_795_000_001);
+        assert_eq!(
+            next_rotated_path(dir.path(), later),
+            Some(dir.path().join(rotated_name(later, 0)))
         );
     }
 

@@ -291,7 +291,11 @@ impl Store {
         if self.current.size == 0 {
             return;
         }
-        let target = rotation::next_rotated_path(&self.settings.dir, SystemTime::now());
+        let Some(target) = rotation::next_rotated_path(&self.settings.dir, SystemTime::now())
+        else {
+            // A thousand rotations this second: the next second has names.
+            return;
+        };
         let renamed = fs::rename(&self.path, &target).and_then(|()| open_current(&self.path));
         match renamed {
             Ok(current) => {
