@@ -14,7 +14,8 @@
 //! - workers (and the acceptor) turn events into JSON lines with their
 //!   [`journal`] and push batches of lines onto one bounded channel;
 //! - the **writer** ([`store`]) drains that channel into
-//!   `messages.jsonl`, rotating and pruning files ([`rotation`]);
+//!   `messages.jsonl`, rotating and pruning files ([`rotation`]); a
+//!   **syncer** thread of its own fsyncs each rotated file meanwhile;
 //! - the **control** thread ([`control`]) serves `proxy-channel ctl` on a
 //!   Unix socket and writes the [`metrics`] file, from the per-thread
 //!   [`stats`] counters;

@@ -291,9 +291,10 @@ impl Store {
         if self.current.size == 0 {
             return;
         }
-        let Some(target) = rotation::next_rotated_path(&self.settings.dir, SystemTime::now())
-        else {
-            // A thousand rotations this second: the next second has names.
+        let now = SystemTime::now();
+        let Some(target) = rotation::next_rotated_path(&self.settings.dir, now) else {
+            warn!("a thousand files were rotated this second; rotating in the next one ({why})");
+            self.rotate_retry_at = Some(Instant::now() + until_next_second(now));
             return;
         };
         let renamed = fs::rename(&self.path, &target).and_then(|()| open_current(&self.path));
@@ -306,7 +307,7 @@ impl Store {
                     self.current.size
                 );
                 let rotated = std::mem::replace(&mut self.current, current);
-                self.syncer.sync(rotated.file, &target);
+                self.syncer.sync(rotated.file, target.display().to_string());
                 self.rotate_retry_at = None;
                 self.apply_retention();
             }
@@ -334,7 +335,8 @@ impl Store {
                     self.path.display()
                 );
                 let moved = std::mem::replace(&mut self.current, current);
-                self.syncer.sync(moved.file, &self.path);
+                let name = format!("the file moved away from {}", self.path.display());
+                self.syncer.sync(moved.file, name);
             }
             Err(e) => {
                 if self.reported.insert(e.kind()) {
@@ -367,7 +369,7 @@ impl Store {
     }
 
     fn sync_current(&self) {
-        sync_file(&self.current.file, &self.path);
+        sync_file(&self.current.file, &self.path.display().to_string());
         sync_dir(&self.settings.dir);
     }
 }
@@ -435,6 +437,15 @@ impl Pending {
             }
         }
     }
+}
+
+/// How long from `now` until the next whole second.
+fn until_next_second(now: SystemTime) -> Duration {
+    let into = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    Duration::from_nanos(u64::from(1_000_000_000 - into))
 }
 
 /// Opens (or creates) the current file for append. A last line cut short

@@ -9,21 +9,30 @@
 //! another is synced; past that the writer waits, at the disk's pace.
 
 use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Sender, bounded};
-use log::warn;
+use log::{info, warn};
 
-/// A file to make durable, and its name for the log.
+/// A shutdown that waits longer than this for syncs says so.
+const SLOW_FINISH: Duration = Duration::from_secs(1);
+
+/// A file to make durable, and what to call it in the log.
 struct Job {
     file: File,
-    path: PathBuf,
+    name: String,
 }
 
 impl Job {
     fn run(&self, dir: &Path) {
-        sync_file(&self.file, &self.path);
+        // A file deleted meanwhile (retention, an operator) needs no sync.
+        if self.file.metadata().is_ok_and(|m| m.nlink() == 0) {
+            return;
+        }
+        sync_file(&self.file, &self.name);
         sync_dir(dir);
     }
 }
@@ -53,12 +62,10 @@ impl Syncer {
         })
     }
 
-    /// Fsyncs `file` (named `path` now) and then the folder, on the thread.
-    pub fn sync(&mut self, file: File, path: &Path) {
-        let job = Job {
-            file,
-            path: path.to_path_buf(),
-        };
+    /// Fsyncs `file` (called `name` in the log) and then the folder, on
+    /// the thread.
+    pub fn sync(&mut self, file: File, name: String) {
+        let job = Job { file, name };
         let job = match &self.jobs {
             Some(jobs) => match jobs.send(job) {
                 Ok(()) => return,
@@ -74,10 +81,19 @@ impl Syncer {
     /// synced on the caller's thread.
     pub fn finish(&mut self) {
         self.jobs = None;
-        if let Some(thread) = self.thread.take()
-            && thread.join().is_err()
-        {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        let started = Instant::now();
+        if thread.join().is_err() {
             warn!("the file sync thread failed");
+        }
+        let waited = started.elapsed();
+        if waited >= SLOW_FINISH {
+            info!(
+                "waited {:.1} s for rotated files to reach the disk",
+                waited.as_secs_f64()
+            );
         }
     }
 }
@@ -88,9 +104,9 @@ impl Drop for Syncer {
     }
 }
 
-pub fn sync_file(file: &File, path: &Path) {
+pub fn sync_file(file: &File, name: &str) {
     if let Err(e) = file.sync_all() {
-        warn!("cannot sync {}: {e}", path.display());
+        warn!("cannot sync {name}: {e}");
     }
 }
 
