@@ -64,6 +64,8 @@ cleanup() {
     if [[ -n $child ]] && kill -0 "$child" 2>/dev/null; then
         kill -TERM -- "-$child" 2>/dev/null || true
         wait "$child" 2>/dev/null || true
+        # A store case's message files in memory (loadgen's memory_dir).
+        rm -rf "/dev/shm/loadgen-$child"
     fi
     if [[ -n ${work:-} ]]; then
         rm -rf "$work"

@@ -123,7 +123,7 @@ impl Running {
         let mut data_dir = None;
         let mut command = match kind {
             Kind::ProxyChannel => {
-                let dir = data_folder(setup, store, listen);
+                let dir = data_folder(setup, store, listen)?;
                 std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
                 let mut command = Command::new(&setup.proxy_channel);
                 for (name, _) in std::env::vars_os() {
@@ -302,25 +302,56 @@ impl Drop for Running {
     }
 }
 
-/// A loopback port nobody listens on right now.
 impl Setup {
-    /// The folder under tmpfs for [`Store::Memory`] data, named like the
-    /// work folder; removed with it.
+    /// The folder under tmpfs for [`Store::Memory`] data, named after this
+    /// process (`loadgen-PID`); removed with the work folder.
     pub fn memory_dir(&self) -> PathBuf {
-        let name = self.work_dir.file_name().unwrap_or("loadgen".as_ref());
-        Path::new(TMPFS).join(name)
+        Path::new(TMPFS).join(format!("loadgen-{}", std::process::id()))
     }
 }
 
+/// What a store case in memory may write at the most (8 connections at
+/// full speed for the warm-up and the window write about 7 GB).
+const MEMORY_NEEDED: u64 = 8 << 30;
+
 /// proxy-channel's data folder for a proxy listening on `listen`.
-fn data_folder(setup: &Setup, store: Store, listen: SocketAddr) -> PathBuf {
+fn data_folder(setup: &Setup, store: Store, listen: SocketAddr) -> Result<PathBuf, String> {
     let root = match store {
-        Store::Memory => setup.memory_dir(),
+        Store::Memory => {
+            let free = free_bytes(Path::new(TMPFS))?;
+            if free < MEMORY_NEEDED {
+                return Err(format!(
+                    "{TMPFS} has {} MiB free; a store case in memory needs {} MiB",
+                    free >> 20,
+                    MEMORY_NEEDED >> 20
+                ));
+            }
+            setup.memory_dir()
+        }
         Store::Off | Store::Disk => setup.work_dir.clone(),
     };
-    root.join(format!("data-{}", listen.port()))
+    Ok(root.join(format!("data-{}", listen.port())))
 }
 
+/// Bytes an unprivileged writer may still write on the file system at `path`.
+fn free_bytes(path: &Path) -> Result<u64, String> {
+    let name = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: a NUL-terminated path and a buffer statvfs fills on success.
+    if unsafe { libc::statvfs(name.as_ptr(), stats.as_mut_ptr()) } != 0 {
+        return Err(format!(
+            "{}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: statvfs returned 0, so it filled the buffer.
+    let stats = unsafe { stats.assume_init() };
+    Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
+}
+
+/// A loopback port nobody listens on right now.
 fn free_port() -> Result<SocketAddr, String> {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
