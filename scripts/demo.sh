@@ -9,6 +9,8 @@
 # traffic (`proxy-channel view`, then `view --text`), the daemon's counters
 # (`proxy-channel ctl stats`), and stops the daemon with SIGTERM.
 #
+# Every process it starts ends within 30 s whatever happens.
+#
 # Usage: scripts/demo.sh [--keep]
 #   --keep   keep the temporary folder (the message file) and say where
 # PROXY_CHANNEL_BIN: a proxy-channel binary to use instead of building
@@ -76,7 +78,7 @@ env -i PATH="$PATH" \
     PROXY_TARGET2_REPLIES=false \
     PROXY_DATA_DIR="$work/data" \
     RUST_LOG=info \
-    "$binary" 2> "$work/daemon.log" &
+    timeout -s KILL 30 "$binary" 2> "$work/daemon.log" &
 daemon=$!
 wait_for "$work/daemon.log" "listening on"
 listen=$(sed -n 's/.*listening on \([0-9.:]*\).*/\1/p' "$work/daemon.log" | head -1)
@@ -93,14 +95,16 @@ for n in 1 2; do
     sed 's/^/    /' "$work/target$n.txt"
 done
 
+# Messages reach the file within a second; the device's disconnect is the
+# last of its connection.
+wait_for "$work/data/messages.jsonl" '"proxy.event":2,"proxy.source":0'
+
 echo
 echo "=== the daemon's counters: proxy-channel ctl stats"
 "$binary" ctl stats --socket "$work/data/control.sock"
 
 echo
 echo "=== the recorded traffic: proxy-channel view"
-# Written to the file within a second.
-wait_for "$work/data/messages.jsonl" '"proxy.event":2,"proxy.source":0'
 "$binary" view --no-color "$work/data"
 
 echo

@@ -6,7 +6,7 @@
       "PORT1 PORT2". Target 1 ("platform A") answers every line with
       "ACK <n>\\r\\n"; target 2 ("platform B") only records. What each one
       receives is appended to OUT_DIR/target1.txt and target2.txt. Stops
-      on SIGTERM, or after 60 s whatever happens.
+      on SIGTERM, or after 30 s whatever happens.
 
   demo_peers.py device HOST:PORT
       A tracker: sends three NMEA-like lines 200 ms apart, prints each
@@ -29,7 +29,7 @@ LINES = [
 
 def serve(listener, out_path, answer):
     conn, _ = listener.accept()
-    conn.settimeout(60)
+    conn.settimeout(30)
     count = 0
     pending = b""
     with conn, open(out_path, "ab", buffering=0) as out:
@@ -62,7 +62,7 @@ def targets(port_file, out_dir):
         threading.Thread(
             target=serve, args=(listener, out, number == 1), daemon=True
         ).start()
-    time.sleep(60)
+    time.sleep(30)
 
 
 def device(address):

@@ -107,7 +107,10 @@ impl SlowDisk {
             mount_point,
             _image_dir: image_dir,
         };
-        run_setup("mkfs.ext4", &["-q", &disk.device]);
+        // Everything initialised now, not by a background thread eating the
+        // throttled bandwidth later.
+        let no_lazy_init = "lazy_itable_init=0,lazy_journal_init=0";
+        run_setup("mkfs.ext4", &["-q", "-E", no_lazy_init, &disk.device]);
         run_setup(
             "mount",
             &[&disk.device, &disk.mount_point.path().to_string_lossy()],

@@ -1,8 +1,9 @@
 //! Software the interop tests run, installed on first use when it is
 //! missing, so that `cargo test` passes on a fresh machine: HAProxy with
-//! apt-get (Debian's package) and Python's prometheus-client with pip. The
-//! tests run as root, here and in CI; if an install fails, the test fails
-//! and says what to install.
+//! apt-get (Debian's package) and Python's prometheus-client with pip (or
+//! Debian's python3-prometheus-client where pip is refused). The tests run
+//! as root, here and in CI; if an install fails, the test fails and says
+//! what to install.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -14,8 +15,7 @@ pub fn haproxy_binary() -> PathBuf {
     HAPROXY
         .get_or_init(|| {
             find_haproxy().unwrap_or_else(|| {
-                run_setup("apt-get", &["update", "-qq"]);
-                run_setup("apt-get", &["install", "-y", "-qq", "haproxy"]);
+                apt_install("haproxy");
                 find_haproxy().unwrap_or_else(|| {
                     panic!(
                         "haproxy is not installed and apt-get did not install it: the \
@@ -38,20 +38,40 @@ pub fn ensure_prometheus_client() {
                 .output()
                 .is_ok_and(|out| out.status.success())
         };
-        if !importable() {
-            run_setup(
-                "python3",
-                &[
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    "prometheus-client",
-                ],
-            );
+        if importable() {
+            return;
         }
+        // pip where python3 is a Python of its own (pyenv, as on CI's
+        // machines); Debian's system Python refuses pip, so then its package.
+        let pip = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .arg("prometheus-client")
+            .output();
+        if !pip.is_ok_and(|out| out.status.success()) {
+            apt_install("python3-prometheus-client");
+        }
+        assert!(
+            importable(),
+            "python3 cannot import prometheus_client after installing it"
+        );
     });
+}
+
+/// Installs a Debian package, waiting up to five minutes for a dpkg lock
+/// held by another apt (unattended upgrades on a fresh machine).
+fn apt_install(package: &str) {
+    const LOCK_WAIT: &str = "DPkg::Lock::Timeout=300";
+    run_setup("apt-get", &["-o", LOCK_WAIT, "update", "-qq"]);
+    run_setup(
+        "apt-get",
+        &["-o", LOCK_WAIT, "install", "-y", "-qq", package],
+    );
 }
 
 fn find_haproxy() -> Option<PathBuf> {
