@@ -20,6 +20,8 @@ pub const TOO_MANY_CONNECTIONS: &str = "too many connections";
 pub const CLOSED_BY_OPERATOR: &str = "closed by operator";
 /// A target closed because its device reset or failed.
 pub const DEVICE_FAILED: &str = "device failed";
+/// How a refused PROXY protocol header's reason starts (then `: why`).
+pub const BAD_PROXY_HEADER: &str = "bad proxy protocol header";
 
 /// The short description of an I/O error.
 pub fn describe(error: &io::Error) -> Reason {

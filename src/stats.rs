@@ -27,12 +27,13 @@ pub enum DropKind {
     DeviceFailed,
     TooManyConnections,
     ClosedByOperator,
+    BadProxyHeader,
     Shutdown,
     Other,
 }
 
 impl DropKind {
-    pub const ALL: [DropKind; 12] = [
+    pub const ALL: [DropKind; 13] = [
         DropKind::ClosedByPeer,
         DropKind::ResetByPeer,
         DropKind::IdleTimeout,
@@ -43,6 +44,7 @@ impl DropKind {
         DropKind::DeviceFailed,
         DropKind::TooManyConnections,
         DropKind::ClosedByOperator,
+        DropKind::BadProxyHeader,
         DropKind::Shutdown,
         DropKind::Other,
     ];
@@ -61,6 +63,7 @@ impl DropKind {
             reason::SHUTDOWN => DropKind::Shutdown,
             r if r.starts_with("connect failed") => DropKind::ConnectFailed,
             r if r.starts_with("mandatory target") => DropKind::MandatoryTarget,
+            r if r.starts_with(reason::BAD_PROXY_HEADER) => DropKind::BadProxyHeader,
             _ => DropKind::Other,
         }
     }
@@ -78,6 +81,7 @@ impl DropKind {
             DropKind::DeviceFailed => "device_failed",
             DropKind::TooManyConnections => "too_many_connections",
             DropKind::ClosedByOperator => "closed_by_operator",
+            DropKind::BadProxyHeader => "bad_proxy_header",
             DropKind::Shutdown => "shutdown",
             DropKind::Other => "other",
         }
@@ -204,6 +208,10 @@ mod tests {
         assert_eq!(
             DropKind::of("mandatory target 2 failed"),
             DropKind::MandatoryTarget
+        );
+        assert_eq!(
+            DropKind::of("bad proxy protocol header: not a PROXY header"),
+            DropKind::BadProxyHeader
         );
         assert_eq!(DropKind::of("no route to host"), DropKind::Other);
     }

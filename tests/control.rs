@@ -21,7 +21,7 @@ const DEVICES: usize = 50;
 /// The index of "closed by operator" in the stats' drop kinds (and its
 /// metrics label), as the README's reasons table orders them.
 const OPERATOR: usize = 9;
-const DROP_LABELS: [&str; 12] = [
+const DROP_LABELS: [&str; 13] = [
     "closed_by_peer",
     "reset_by_peer",
     "idle_timeout",
@@ -32,6 +32,7 @@ const DROP_LABELS: [&str; 12] = [
     "device_failed",
     "too_many_connections",
     "closed_by_operator",
+    "bad_proxy_header",
     "shutdown",
     "other",
 ];
@@ -251,7 +252,7 @@ fn fifty_devices_through_two_targets_are_listed_closed_and_counted_exactly() {
     };
     assert_eq!(replied(1) + replied(2), received, "replies the devices got");
     let stats = wait_for_quiet_stats(&socket, &mut log);
-    let mut drops = [[0u64; 12]; 4];
+    let mut drops = [[0u64; DROP_LABELS.len()]; 4];
     for side in drops.iter_mut().take(3) {
         side[OPERATOR] = 1;
     }

@@ -828,9 +828,12 @@ const HEADER_TIMEOUT: &str = "1s";
 /// the device sees its connection closed, and that the target is never
 /// connected. Then good connections (`good`, each a header for source
 /// `peer` plus payload; `None` keeps the socket's address) work.
+/// The index of "bad_proxy_header" among the stats' drop kinds.
+const BAD_PROXY_HEADER_KIND: usize = 10;
+
 fn assert_refused(accept: &str, cases: Vec<Bad>, good: Vec<(Vec<u8>, Option<SocketAddr>)>) {
     let target = Target::start(Behaviour::Record);
-    let daemon = Daemon::start(&[
+    let daemon = Daemon::start_with_control(&[
         ("PROXY_TARGET1", &target.address()),
         ("PROXY_ACCEPT_PROXY_PROTOCOL", accept),
         ("PROXY_CONNECT_TIMEOUT", HEADER_TIMEOUT),
@@ -911,6 +914,14 @@ fn assert_refused(accept: &str, cases: Vec<Bad>, good: Vec<(Vec<u8>, Option<Sock
     assert!(
         target.connections().is_empty(),
         "a target was connected for a connection without a good header"
+    );
+    // Counted apart in `ctl stats` and the metrics (kind "bad_proxy_header").
+    let stats = ctl_json(&daemon.control_socket(), &["stats"]);
+    assert_eq!(
+        stats["stats"]["drops"][0][BAD_PROXY_HEADER_KIND],
+        cases.len(),
+        "device drops by kind: {}",
+        stats["stats"]["drops"][0]
     );
     // The slow ones end at the header timeout, not before and not much
     // later; the others at once, before any timeout.

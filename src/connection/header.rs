@@ -130,7 +130,7 @@ impl Connection {
             self.origin.peer
         );
         ctx.journal.connected(self.origin, DEVICE, None);
-        let why: Reason = format!("bad proxy protocol header: {why}").into();
+        let why: Reason = format!("{}: {why}", reason::BAD_PROXY_HEADER).into();
         self.end(why.clone(), why, false);
     }
 }
