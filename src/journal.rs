@@ -10,6 +10,7 @@ use crossbeam_channel::Sender;
 use log::error;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::message::{Event, Message, Micros, Origin};
 use crate::stats::{self, Counters};
@@ -22,37 +23,49 @@ const BATCH_START: usize = 16 * 1024;
 
 /// Batch buffers going back from the writer to the journals, so that a busy
 /// store reuses warm memory instead of allocating (and faulting in) a new
-/// buffer for every batch. Bounded: at most `POOL` buffers of at most
-/// `POOL_BUFFER` bytes wait here.
+/// buffer for every batch. A batch holding one large packet's line is as
+/// large as that line (up to twice PROXY_MAX_PAYLOAD): those are kept too,
+/// or every such packet would cost a fresh mapping. Bounded: the buffers
+/// waiting here hold at most `POOL_BYTES` in all.
 #[derive(Clone)]
 pub struct BufferPool {
     give: Sender<Vec<u8>>,
     take: crossbeam_channel::Receiver<Vec<u8>>,
+    /// Capacity of the buffers waiting in the pool.
+    pooled: Arc<AtomicUsize>,
 }
 
 const POOL: usize = 32;
-const POOL_BUFFER: usize = 1 << 20;
+const POOL_BYTES: usize = 32 << 20;
 
 impl BufferPool {
     pub fn new() -> BufferPool {
         let (give, take) = crossbeam_channel::bounded(POOL);
-        BufferPool { give, take }
+        BufferPool {
+            give,
+            take,
+            pooled: Arc::new(AtomicUsize::new(0)),
+        }
     }
 
     /// A buffer back from the writer, or a new one.
     fn take(&self) -> Vec<u8> {
-        self.take
-            .try_recv()
-            .unwrap_or_else(|_| Vec::with_capacity(BATCH_START))
+        match self.take.try_recv() {
+            Ok(buffer) => {
+                self.pooled.fetch_sub(buffer.capacity(), Ordering::Relaxed);
+                buffer
+            }
+            Err(_) => Vec::with_capacity(BATCH_START),
+        }
     }
 
-    /// Hands a written batch's buffer back (dropped if the pool is full or
-    /// the buffer grew large).
+    /// Hands a written batch's buffer back (dropped if the pool is full).
     pub fn give(&self, mut buffer: Vec<u8>) {
-        if buffer.capacity() <= POOL_BUFFER {
-            buffer.clear();
-            // A full pool just lets this one go.
-            let _ = self.give.try_send(buffer);
+        let size = buffer.capacity();
+        let before = self.pooled.fetch_add(size, Ordering::Relaxed);
+        buffer.clear();
+        if before + size > POOL_BYTES || self.give.try_send(buffer).is_err() {
+            self.pooled.fetch_sub(size, Ordering::Relaxed);
         }
     }
 }
@@ -191,6 +204,8 @@ impl Journal {
     }
 
     fn write(&mut self, message: &Message<'_>) {
+        // A large packet's line grows the batch once, not by doubling.
+        self.batch.reserve(message.json_len_hint());
         message.write_json(&mut self.batch);
         self.batch.push(b'\n');
         self.count += 1;
@@ -206,4 +221,35 @@ pub struct Closed<'a> {
     pub reason: &'a str,
     pub received: u64,
     pub sent: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_gives_back_large_buffers_within_its_byte_budget() {
+        let pool = BufferPool::new();
+        let large = 4 << 20;
+        for _ in 0..POOL {
+            pool.give(Vec::with_capacity(large));
+        }
+        let kept = POOL_BYTES / large;
+        assert_eq!(pool.pooled.load(Ordering::Relaxed), kept * large);
+        for _ in 0..kept {
+            assert!(pool.take().capacity() >= large, "a kept buffer comes back");
+        }
+        assert_eq!(pool.pooled.load(Ordering::Relaxed), 0);
+        assert_eq!(pool.take().capacity(), BATCH_START, "then new ones");
+    }
+
+    #[test]
+    fn pool_keeps_at_most_its_count_of_small_buffers() {
+        let pool = BufferPool::new();
+        for _ in 0..POOL * 2 {
+            pool.give(Vec::with_capacity(1024));
+        }
+        assert_eq!(pool.take.len(), POOL);
+        assert_eq!(pool.pooled.load(Ordering::Relaxed), POOL * 1024);
+    }
 }

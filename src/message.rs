@@ -115,6 +115,15 @@ pub struct Message<'a> {
 }
 
 impl Message<'_> {
+    /// About the length of the message's JSON line: room to reserve so
+    /// that a large packet's line grows its buffer once.
+    pub fn json_len_hint(&self) -> usize {
+        const KEYS_AND_NUMBERS: usize = 320;
+        let text = |part: Option<&str>| part.map_or(0, str::len);
+        let hex = self.payload.map_or(0, |payload| payload.len() * 2);
+        KEYS_AND_NUMBERS + text(self.target) + text(self.reason) + hex
+    }
+
     /// Appends the message to `out` as one JSON object, keys in the
     /// SPEC's order, without the newline.
     ///
