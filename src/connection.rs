@@ -237,21 +237,28 @@ impl Connection {
             return connection;
         }
         match ctx.settings.accept_proxy {
-            AcceptProxyProtocol::Off => connection.start(ctx),
+            AcceptProxyProtocol::Off => {
+                ctx.journal.connected(origin, DEVICE, None);
+                connection.connect_targets(ctx);
+            }
             _ => connection.header = Some(HeaderWait::new(ctx.now)),
         }
         connection
     }
 
-    /// The device is known (its PROXY header read, if one was due): its
-    /// event 1, then a connect to every target at once.
-    fn start(&mut self, ctx: &mut Context<'_>) {
-        ctx.journal.connected(self.origin, DEVICE, None);
+    /// The device is known (its event 1 written): a connect to every
+    /// target at once. Once a mandatory target has failed at once, the
+    /// targets after it are not connected, but each still gets its event 2.
+    fn connect_targets(&mut self, ctx: &mut Context<'_>) {
         for spec in ctx.settings.targets.iter().flatten() {
-            if self.ending.is_some() {
-                break;
+            match self
+                .ending
+                .as_ref()
+                .map(|ending| ending.target_reason.clone())
+            {
+                Some(why) => self.target_failed_early(spec, why, ctx),
+                None => self.connect_target(spec, ctx),
             }
-            self.connect_target(spec, ctx);
         }
     }
 
@@ -291,9 +298,10 @@ impl Connection {
     }
 
     /// Enforces the connect and idle timeouts; returns whether the
-    /// connection now needs driving (it is ending).
+    /// connection now needs driving (it is ending, or lost a target).
     pub fn check_timers(&mut self, ctx: &mut Context<'_>) -> bool {
         self.check_header_timeout(ctx);
+        let mut dropped_a_target = false;
         for index in 0..MAX_TARGETS {
             let expired = self.targets[index]
                 .as_ref()
@@ -301,6 +309,7 @@ impl Connection {
                 .is_some_and(|since| ctx.now >= since + ctx.settings.connect_timeout);
             if expired {
                 self.target_failed(index, reason::CONNECT_TIMEOUT.into(), ctx);
+                dropped_a_target = true;
             }
         }
         let idle = ctx
@@ -318,7 +327,9 @@ impl Connection {
                 ),
             }
         }
-        self.ending.is_some()
+        // A dropped target may have been the last one after the device's
+        // end of stream: driving the connection then ends it.
+        dropped_a_target || self.ending.is_some()
     }
 
     /// Ends the connection for a reason decided outside it (shutdown, an
@@ -338,6 +349,7 @@ impl Connection {
         }
         let mut moved = self.finish_connects(ctx);
         moved |= self.flush_targets(ctx);
+        moved |= self.check_device_reset();
         moved |= self.read_device(ctx, buffer);
         moved |= self.read_targets(ctx, buffer);
         moved |= self.flush_device(ctx);
@@ -365,6 +377,25 @@ impl Connection {
             ReadOutcome::WouldBlock => false,
             ReadOutcome::Closed => true,
             ReadOutcome::Failed(e) => {
+                self.end(reason::describe(&e), reason::DEVICE_FAILED.into(), false);
+                true
+            }
+        }
+    }
+
+    /// A device that resets after its end of stream is read no more, so
+    /// only its socket's pending error tells: then everything closes at
+    /// once, as for any device reset. Looked at once per poll event.
+    fn check_device_reset(&mut self) -> bool {
+        if !self.device.read_closed || !self.device.hangup || self.ending.is_some() {
+            return false;
+        }
+        self.device.hangup = false;
+        match self.device.stream.take_error() {
+            Ok(None) => false,
+            // After the device's FIN the kernel reports its RST as EPIPE,
+            // which `describe` names `reset by peer` too.
+            Ok(Some(e)) | Err(e) => {
                 self.end(reason::describe(&e), reason::DEVICE_FAILED.into(), false);
                 true
             }
@@ -463,6 +494,11 @@ impl Connection {
         let Some(ending) = self.ending.take() else {
             return;
         };
+        if self.header.take().is_some() {
+            // Closed while its PROXY header was awaited (shutdown, an
+            // operator, the idle timeout): its event 1 still comes first.
+            ctx.journal.connected(self.origin, DEVICE, None);
+        }
         for index in 0..MAX_TARGETS {
             self.drop_target(index, ending.target_reason.clone(), ctx);
         }

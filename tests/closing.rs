@@ -68,6 +68,39 @@ fn a_device_reset_is_recorded_and_closes_its_targets() {
     daemon.assert_no_errors();
 }
 
+/// Review finding: a reset that came after the device's end of stream was
+/// not seen (nothing reads a half-closed device), so its targets stayed
+/// open until they closed or the idle timeout.
+#[test]
+fn a_device_reset_after_its_end_of_stream_closes_its_targets_at_once() {
+    let target = Target::start(Behaviour::NeverRead);
+    let daemon = Daemon::start(&[
+        ("PROXY_TARGET1", &target.address()),
+        ("PROXY_IDLE_TIMEOUT", "1m"),
+    ]);
+    let mut device = Device::connect(daemon.addr());
+    let name = device.name().to_string();
+    device.send(b"last words");
+    device.shutdown_write();
+    target.wait_connections(1, secs(5));
+    let mut log = daemon.log();
+    let ident = log.wait_ident(&name, secs(5));
+    // The end of stream has been passed on; the target holds on.
+    std::thread::sleep(millis(300));
+    let reset_at = Instant::now();
+    device.reset();
+
+    assert_eq!(log.wait_reason(&ident, 0, secs(5)), "reset by peer");
+    assert!(
+        reset_at.elapsed() < secs(2),
+        "the reset was seen only after {:?}",
+        reset_at.elapsed()
+    );
+    assert_eq!(log.reason(&ident, 1).as_deref(), Some("device failed"));
+    log.assert_well_formed();
+    daemon.assert_no_errors();
+}
+
 #[test]
 fn an_idle_device_is_closed_after_the_idle_timeout() {
     let target = Target::start(Behaviour::Record);

@@ -314,22 +314,6 @@ fn tlv(kind: u8, value: &[u8]) -> Vec<u8> {
     bytes
 }
 
-/// The v1 header for `source` and `destination`, as the daemon and
-/// HAProxy write it.
-fn v1_header(source: SocketAddr, destination: SocketAddr) -> String {
-    let family = match source {
-        SocketAddr::V4(_) => "TCP4",
-        SocketAddr::V6(_) => "TCP6",
-    };
-    format!(
-        "PROXY {family} {} {} {} {}\r\n",
-        source.ip(),
-        destination.ip(),
-        source.port(),
-        destination.port()
-    )
-}
-
 fn addr(text: &str) -> SocketAddr {
     text.parse().expect("a test address")
 }
@@ -755,7 +739,9 @@ fn a_target_behind_send_proxy_v2_gets_the_device_address_and_exactly_its_bytes()
 
 #[test]
 fn a_target_behind_send_proxy_v1_gets_the_device_address_and_exactly_its_bytes() {
-    assert_header_reaches_a_real_parser("v1", "off", b"", None, None, |s, d| v1_header(s, d).len());
+    assert_header_reaches_a_real_parser("v1", "off", b"", None, None, |s, d| {
+        proxy_v1_header(s, d).len()
+    });
 }
 
 #[test]
@@ -776,7 +762,7 @@ fn the_address_a_balancer_gave_is_passed_on_to_the_target() {
         &incoming,
         Some(client),
         Some(destination),
-        |s, d| v1_header(s, d).len(),
+        |s, d| proxy_v1_header(s, d).len(),
     );
 }
 
@@ -1030,7 +1016,7 @@ fn v2_garbage_after_signature(rest: &[u8]) -> Vec<u8> {
 
 #[test]
 fn bad_v2_headers_are_refused_with_their_reason_and_reach_no_target() {
-    let good_v1 = v1_header(addr("192.0.2.1:1000"), addr("192.0.2.2:2000"));
+    let good_v1 = proxy_v1_header(addr("192.0.2.1:1000"), addr("192.0.2.2:2000"));
     let cases = vec![
         waits(
             "no header",
@@ -1169,11 +1155,11 @@ fn bad_v1_headers_are_refused_with_their_reason_and_reach_no_target() {
     ];
     let good = vec![
         (
-            v1_header(addr("192.0.2.10:40000"), addr("192.0.2.20:5555")).into_bytes(),
+            proxy_v1_header(addr("192.0.2.10:40000"), addr("192.0.2.20:5555")).into_bytes(),
             Some(addr("192.0.2.10:40000")),
         ),
         (
-            v1_header(addr("[2001:db8::1]:40001"), addr("[2001:db8::2]:5555")).into_bytes(),
+            proxy_v1_header(addr("[2001:db8::1]:40001"), addr("[2001:db8::2]:5555")).into_bytes(),
             Some(addr("[2001:db8::1]:40001")),
         ),
         // UNKNOWN keeps the socket's address.
@@ -1210,7 +1196,7 @@ fn with_any_version_both_are_read_and_the_rest_refused() {
     ];
     let good = vec![
         (
-            v1_header(addr("192.0.2.10:40000"), addr("192.0.2.20:5555")).into_bytes(),
+            proxy_v1_header(addr("192.0.2.10:40000"), addr("192.0.2.20:5555")).into_bytes(),
             Some(addr("192.0.2.10:40000")),
         ),
         (

@@ -255,17 +255,23 @@ fn a_non_mandatory_target_closing_mid_stream_is_dropped_alone() {
     daemon.assert_no_errors();
 }
 
-#[test]
-fn a_mandatory_target_that_never_answers_times_out() {
-    // A listener with a backlog of 0 whose one accept slot is taken: the
-    // kernel drops further SYNs, so a connect to it neither succeeds nor
-    // is refused.
+/// A target that never answers: a listener with a backlog of 0 whose one
+/// accept slot is taken, so the kernel drops further SYNs and a connect to
+/// it neither succeeds nor is refused. Keep both values alive.
+fn silent_target() -> (std::net::TcpListener, std::net::TcpStream) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     // SAFETY: listen(2) on a socket we own.
     let rc = unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 0) };
     assert_eq!(rc, 0, "listen(0) failed");
+    let filler =
+        std::net::TcpStream::connect_timeout(&listener.local_addr().unwrap(), secs(2)).unwrap();
+    (listener, filler)
+}
+
+#[test]
+fn a_mandatory_target_that_never_answers_times_out() {
+    let (listener, _filler) = silent_target();
     let silent = listener.local_addr().unwrap();
-    let _filler = std::net::TcpStream::connect_timeout(&silent, secs(2)).unwrap();
     let daemon = Daemon::start(&[
         ("PROXY_TARGET1", &silent.to_string()),
         ("PROXY_CONNECT_TIMEOUT", "500ms"),
@@ -293,4 +299,87 @@ fn a_mandatory_target_that_never_answers_times_out() {
         "a target that could not be connected gets no event 1"
     );
     daemon.assert_no_errors();
+}
+
+/// Review finding: a non-mandatory target's connect timeout after the
+/// device's end of stream left the device open until the idle timeout,
+/// whose reason it then got.
+#[test]
+fn a_target_timing_out_after_the_devices_end_of_stream_lets_the_device_close() {
+    let first = Target::start(Behaviour::ReplyAtEof(b"ack".to_vec()));
+    let (listener, _filler) = silent_target();
+    let silent = listener.local_addr().unwrap();
+    let daemon = Daemon::start(&[
+        ("PROXY_TARGET1", &first.address()),
+        ("PROXY_TARGET2", &silent.to_string()),
+        ("PROXY_TARGET2_MANDATORY", "false"),
+        ("PROXY_CONNECT_TIMEOUT", "500ms"),
+        ("PROXY_IDLE_TIMEOUT", "10s"),
+    ]);
+    let mut device = Device::connect(daemon.addr());
+    let started = Instant::now();
+    device.send(b"report-1");
+    device.shutdown_write();
+    let ended = device.read_until_end(secs(5));
+    let elapsed = started.elapsed();
+    assert_eq!(ended.end, End::Eof, "the device was not closed in 5 s");
+    assert_eq!(ended.bytes, b"ack", "target 1's reply");
+    assert!(
+        elapsed < secs(2),
+        "closed {elapsed:?} after the device's end of stream: expected right \
+         after target 2's 500 ms connect timeout"
+    );
+    let mut log = daemon.log();
+    let ident = log.wait_ident(device.name(), secs(5));
+    assert_eq!(log.wait_reason(&ident, 0, secs(5)), "closed by peer");
+    assert_eq!(log.reason(&ident, 1).as_deref(), Some("closed by peer"));
+    assert_eq!(log.reason(&ident, 2).as_deref(), Some("connect timeout"));
+    log.assert_well_formed();
+    daemon.assert_no_errors();
+}
+
+/// Review finding: when a mandatory target failed at once, the targets
+/// after it got no event at all (a moment later they would have got
+/// `mandatory target 1 failed`).
+#[test]
+fn a_mandatory_target_failing_at_once_leaves_the_other_targets_an_event_2() {
+    let second = Target::start(Behaviour::Record);
+    let third = Target::start(Behaviour::Record);
+    let daemon = Daemon::start(&[
+        // TCP to the broadcast address fails in connect() itself
+        // ("network unreachable"): no packet leaves the host.
+        ("PROXY_TARGET1", "255.255.255.255:9"),
+        ("PROXY_TARGET2", &second.address()),
+        ("PROXY_TARGET3", &third.address()),
+    ]);
+    let mut device = Device::connect(daemon.addr());
+    let ended = device.read_until_end(secs(5));
+    assert_ne!(ended.end, End::StillOpen, "the device was never closed");
+    let mut log = daemon.log();
+    let ident = log.wait_ident(device.name(), secs(5));
+    assert_eq!(
+        log.wait_reason(&ident, 0, secs(5)),
+        "mandatory target 1 failed"
+    );
+    assert_eq!(
+        log.reason(&ident, 1).as_deref(),
+        Some("connect failed: network unreachable")
+    );
+    for source in [2, 3] {
+        assert_eq!(
+            log.reason(&ident, source).as_deref(),
+            Some("mandatory target 1 failed"),
+            "target {source}: {}",
+            log.summary()
+        );
+        assert!(
+            log.select(&ident, source, 1).is_empty(),
+            "target {source} was never connected: no event 1"
+        );
+    }
+    assert!(
+        second.connections().is_empty() && third.connections().is_empty(),
+        "targets 2 and 3 are not connected once target 1 has failed"
+    );
+    log.assert_well_formed();
 }

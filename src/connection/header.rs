@@ -109,15 +109,19 @@ impl Connection {
         }
         // The header is the balancer's, not the device's.
         self.device.received = self.device.received.saturating_sub(length as u64);
-        match relayed {
-            true => self.start(ctx),
-            false => ctx.journal.connected(self.origin, DEVICE, None),
-        }
+        ctx.journal.connected(self.origin, DEVICE, None);
+        // Device bytes that came with the header were received before any
+        // target was tried: stored first, forwarded once targets exist.
         let rest = &wait.bytes[length..];
-        if !rest.is_empty() && self.ending.is_none() {
+        if !rest.is_empty() {
             self.last_activity = ctx.now;
             ctx.received(0, rest.len());
             ctx.journal.data(self.origin, DEVICE, None, rest);
+        }
+        if relayed {
+            self.connect_targets(ctx);
+        }
+        if !rest.is_empty() && self.ending.is_none() {
             self.forward_to_targets(rest, ctx);
         }
     }

@@ -158,3 +158,19 @@ impl Device {
         drop(self.stream);
     }
 }
+
+/// A balancer's PROXY protocol v1 header for a device at `source` that
+/// connected to `destination`, as the daemon and HAProxy write it.
+pub fn proxy_v1_header(source: SocketAddr, destination: SocketAddr) -> String {
+    let family = match source {
+        SocketAddr::V4(_) => "TCP4",
+        SocketAddr::V6(_) => "TCP6",
+    };
+    format!(
+        "PROXY {family} {} {} {} {}\r\n",
+        source.ip(),
+        destination.ip(),
+        source.port(),
+        destination.port()
+    )
+}
