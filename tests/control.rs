@@ -500,7 +500,7 @@ fn garbage_and_oversized_requests_get_an_error_and_the_daemon_goes_on() {
     patient.send(b"{\"comm");
 
     let mut client = ControlClient::connect(&socket);
-    let bad: [(&str, &str); 7] = [
+    let bad: [(&str, &str); 8] = [
         ("hello\n", "not a request"),
         ("\n", "not a request"),
         ("[1,2]\n", "not a request"),
@@ -508,6 +508,10 @@ fn garbage_and_oversized_requests_get_an_error_and_the_daemon_goes_on() {
         ("{\"command\":\"close\"}\n", "close needs an ident"),
         (
             "{\"command\":\"close\",\"ident\":\"xyz\"}\n",
+            "not an ident",
+        ),
+        (
+            "{\"command\":\"close\",\"ident\":\"+fffffffffffffff\"}\n",
             "not an ident",
         ),
         (
