@@ -179,6 +179,8 @@ impl Acceptor {
     /// (by dropping its socket).
     fn refuse(&mut self, origin: Origin) {
         stats::add(&self.counters.refused, 1);
+        self.counters
+            .drop_of(usize::from(DEVICE), reason::TOO_MANY_CONNECTIONS);
         self.journal.connected(origin, DEVICE, None);
         let closed = Closed {
             reason: reason::TOO_MANY_CONNECTIONS,

@@ -318,10 +318,7 @@ impl Control {
     }
 
     fn close(&self, ident: &str) -> Value {
-        let Some(parsed) = u64::from_str_radix(ident, 16)
-            .ok()
-            .filter(|_| ident.len() == 16)
-        else {
+        let Some(parsed) = parse_ident(ident) else {
             return error_reply(&format!("{ident:?} is not an ident (16 hex characters)"));
         };
         let (reply, answers) = crossbeam_channel::unbounded();
@@ -330,7 +327,7 @@ impl Control {
             .iter()
             .filter(|w| {
                 w.send(Command::Close {
-                    ident: Ident(parsed),
+                    ident: parsed,
                     reply: reply.clone(),
                 })
             })
@@ -390,6 +387,16 @@ impl Control {
     }
 }
 
+/// An ident as the messages write it: exactly 16 hex digits (lowercase;
+/// uppercase is taken too, as `ctl close` always was), nothing else, not
+/// even the sign `u64::from_str_radix` would allow.
+fn parse_ident(text: &str) -> Option<Ident> {
+    if text.len() != 16 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(text, 16).ok().map(Ident)
+}
+
 fn busy_workers(silent: usize, asked: usize) -> String {
     format!(
         "{silent} of {asked} workers did not answer within {}s (are they waiting for the \
@@ -439,4 +446,31 @@ fn write_output(client: &mut Client) -> bool {
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ident_is_exactly_sixteen_hex_digits() {
+        assert_eq!(
+            parse_ident("0123456789abcdef"),
+            Some(Ident(0x0123_4567_89ab_cdef))
+        );
+        assert_eq!(parse_ident("FFFFFFFFFFFFFFFF"), Some(Ident(u64::MAX)));
+        for bad in [
+            "+fffffffffffffff",
+            "-fffffffffffffff",
+            " fffffffffffffff",
+            "0x0123456789abcd",
+            "0123456789abcdeg",
+            "0123456789abcde",
+            "0123456789abcdef0",
+            "",
+            "０123456789abcd",
+        ] {
+            assert_eq!(parse_ident(bad), None, "{bad:?}");
+        }
+    }
 }

@@ -9,7 +9,8 @@
 //! send the bytes in order (with `--speed`, at the recorded pace). Replies
 //! are read and counted on a thread of the connection. A connection with a
 //! gap (a payload over PROXY_MAX_PAYLOAD, store mode off, its start rotated
-//! away) is skipped and reported, never sent with a hole in it.
+//! away) or a damaged line (cut short, or a `server.timestamp` that is not a
+//! time) is skipped and reported, never sent with a hole in it.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -28,6 +29,9 @@ use crate::reader::{LineReader, ReadError, message_files, report_skipped};
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Replies are read at most this long after the last byte was sent.
 const REPLIES_AT_MOST: Duration = Duration::from_secs(30);
+/// 10000-01-01T00:00:00Z: a device line's `server.timestamp` must be a
+/// time from 1970 up to this (the daemon writes no other).
+const YEAR_10000: f64 = 253_402_300_800.0;
 
 #[derive(Debug, Clone)]
 pub struct ReplayOptions {
@@ -105,7 +109,7 @@ fn index(files: &[PathBuf], filter: &Filter) -> Result<(Vec<Recorded>, u64), Rea
         let mut reader = LineReader::open(path)?;
         while let Some(line) = reader.next_line()? {
             match StoredMessage::parse(line.bytes) {
-                Ok(message) => index.add(&message, file_index, line.offset),
+                Ok(message) => index.add(&message, path, line.number, file_index, line.offset),
                 Err(why) => index.bad_line(
                     path,
                     line.number,
@@ -133,11 +137,28 @@ struct Index {
 }
 
 impl Index {
-    fn add(&mut self, message: &StoredMessage<'_>, file: usize, offset: u64) {
+    fn add(
+        &mut self,
+        message: &StoredMessage<'_>,
+        path: &Path,
+        number: u64,
+        file: usize,
+        offset: u64,
+    ) {
         if message.source != DEVICE {
             return;
         }
         let recorded = self.recorded(&message.ident, &message.peer);
+        let time = message.server_timestamp;
+        if !(0.0..YEAR_10000).contains(&time) {
+            // Damage, or a crafted file: --speed cannot wait for it, and
+            // the connection's lines are not what the daemon wrote.
+            let why = format!("server.timestamp {time:?} is not a time from 1970 to 9999");
+            report_skipped("replay", path, number, &why);
+            let gap = format!("line {number} of {}: {why}", path.display());
+            recorded.gap.get_or_insert(gap);
+            return;
+        }
         note(recorded, message, file, offset);
     }
 
@@ -311,7 +332,11 @@ fn send_packets(
     for packet in &recorded.packets {
         read_payload(&mut readers, files, *packet, &mut line, &mut payload)?;
         if let Some(speed) = options.speed {
-            let due = Duration::from_secs_f64(((packet.time - recorded_start) / speed).max(0.0));
+            // Times are checked when indexing; only a --speed near 0 can
+            // make the wait too long for a Duration, and then it is.
+            let due =
+                Duration::try_from_secs_f64(((packet.time - recorded_start) / speed).max(0.0))
+                    .unwrap_or(Duration::MAX);
             if let Some(wait) = due.checked_sub(start.elapsed()) {
                 std::thread::sleep(wait);
             }

@@ -103,7 +103,8 @@ pub struct Counters {
     pub bytes_sent: [AtomicU64; SIDES],
     /// Reads that returned data, per side.
     pub packets: [AtomicU64; SIDES],
-    /// Drops per side and kind (the device's drops at index 0).
+    /// Drops per side and kind (the device's drops at index 0; the
+    /// acceptor's refusals too).
     pub drops: [[AtomicU64; KINDS]; SIDES],
     /// Messages handed to the writer (worker, acceptor) or written (writer).
     pub messages: AtomicU64,
@@ -163,7 +164,6 @@ impl Registry {
         let mut s = Snapshot {
             connections_total: get(&self.acceptor.opened),
             connections_refused: get(&self.acceptor.refused),
-            messages_queued: get(&self.acceptor.messages),
             messages_written: get(&self.writer.messages),
             writer_queue_depth: writer_queue_depth as u64,
             write_errors: get(&self.writer.write_errors),
@@ -174,13 +174,16 @@ impl Registry {
         for worker in &self.workers {
             opened += get(&worker.opened);
             closed += get(&worker.closed);
-            s.messages_queued += get(&worker.messages);
+        }
+        // The acceptor too: its messages, and its refusals' drops.
+        for counters in self.workers.iter().chain([&self.acceptor]) {
+            s.messages_queued += get(&counters.messages);
             for side in 0..SIDES {
-                s.bytes_received[side] += get(&worker.bytes_received[side]);
-                s.bytes_sent[side] += get(&worker.bytes_sent[side]);
-                s.packets[side] += get(&worker.packets[side]);
+                s.bytes_received[side] += get(&counters.bytes_received[side]);
+                s.bytes_sent[side] += get(&counters.bytes_sent[side]);
+                s.packets[side] += get(&counters.packets[side]);
                 for kind in 0..KINDS {
-                    s.drops[side][kind] += get(&worker.drops[side][kind]);
+                    s.drops[side][kind] += get(&counters.drops[side][kind]);
                 }
             }
         }

@@ -283,6 +283,63 @@ fn fifty_devices_through_two_targets_are_listed_closed_and_counted_exactly() {
     daemon.assert_no_errors();
 }
 
+/// Defect 10: a device refused at PROXY_MAX_CONNECTIONS was written with
+/// reason `too many connections` but never counted as that drop: ctl stats
+/// and the metrics file said too_many_connections 0.
+#[test]
+fn a_device_refused_at_max_connections_is_counted_as_a_too_many_connections_drop() {
+    let metrics_dir = tempfile::tempdir().unwrap();
+    let metrics = metrics_dir.path().join("proxy_channel.prom");
+    let daemon = Daemon::start_with_control(&[
+        ("PROXY_MAX_CONNECTIONS", "1"),
+        ("PROXY_METRICS_FILE", metrics.to_str().unwrap()),
+        ("PROXY_METRICS_INTERVAL", "200ms"),
+    ]);
+    let mut log = daemon.log();
+    let held = Device::connect(daemon.addr());
+    log.wait_ident(held.name(), secs(5));
+    let mut refused = Device::connect(daemon.addr());
+    assert_ne!(
+        refused.read_until_end(secs(5)).end,
+        End::StillOpen,
+        "the second device must be closed at once"
+    );
+    let ident = log.wait_ident(refused.name(), secs(5));
+    assert_eq!(log.wait_reason(&ident, 0, secs(5)), "too many connections");
+
+    let stats = ctl_json(&daemon.control_socket(), &["stats"]);
+    let too_many = DROP_LABELS
+        .iter()
+        .position(|l| *l == "too_many_connections")
+        .unwrap();
+    let mut drops = [[0u64; DROP_LABELS.len()]; 4];
+    drops[0][too_many] = 1;
+    assert_eq!(
+        stats["stats"]["drops"],
+        serde_json::json!(drops),
+        "ctl stats --json: the drops, with one device dropped as too_many_connections"
+    );
+    assert_eq!(stats["stats"]["connections_refused"], 1, "{stats}");
+    let table = daemon.ctl(&["stats"]);
+    let line = "device    dropped: too_many_connections 1";
+    assert!(
+        table.stdout.lines().any(|l| l == line),
+        "expected the line {line:?} in ctl stats:\n{}",
+        table.stdout
+    );
+    let sample = "proxy_channel_device_drops_total{reason=\"too_many_connections\"} 1\n";
+    let counted = poll_until(secs(5), || {
+        fs::read_to_string(&metrics).is_ok_and(|text| text.contains(sample))
+    });
+    assert!(
+        counted,
+        "expected {sample:?} in the metrics file:\n{}",
+        fs::read_to_string(&metrics).unwrap_or_default()
+    );
+    drop(held);
+    daemon.assert_no_errors();
+}
+
 /// Waits until every message made is written and in the file, then
 /// returns `ctl stats --json`.
 fn wait_for_quiet_stats(socket: &Path, log: &mut MessageLog) -> Value {
@@ -443,7 +500,7 @@ fn garbage_and_oversized_requests_get_an_error_and_the_daemon_goes_on() {
     patient.send(b"{\"comm");
 
     let mut client = ControlClient::connect(&socket);
-    let bad: [(&str, &str); 7] = [
+    let bad: [(&str, &str); 8] = [
         ("hello\n", "not a request"),
         ("\n", "not a request"),
         ("[1,2]\n", "not a request"),
@@ -451,6 +508,10 @@ fn garbage_and_oversized_requests_get_an_error_and_the_daemon_goes_on() {
         ("{\"command\":\"close\"}\n", "close needs an ident"),
         (
             "{\"command\":\"close\",\"ident\":\"xyz\"}\n",
+            "not an ident",
+        ),
+        (
+            "{\"command\":\"close\",\"ident\":\"+fffffffffffffff\"}\n",
             "not an ident",
         ),
         (

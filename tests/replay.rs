@@ -924,3 +924,56 @@ fn a_connection_whose_last_packet_line_is_cut_short_is_not_sent_with_a_gap() {
         run.stderr
     );
 }
+
+/// Defect 9: a device line whose `server.timestamp` is no time (1e300, or a
+/// connect at -1e300 that makes its packets' waits huge) made `replay
+/// --speed 1` panic with exit 101. Such a line is reported, its connection
+/// skipped, and the good connections are replayed; exit 0.
+#[test]
+fn a_timestamp_that_is_no_time_does_not_crash_replay_with_speed() {
+    const W: &str = "4444444444444444";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("messages.jsonl");
+    let with_time = |line: &str, time: f64, crafted: &str| {
+        let written = format!("\"server.timestamp\":{time:.6}");
+        assert!(line.contains(&written), "{line}");
+        line.replace(&written, &format!("\"server.timestamp\":{crafted}"))
+    };
+    let mut z = connection(Z, "10.0.0.3:4000", T0 + 20.0, &[b"z-one;"]);
+    z[1] = with_time(&z[1], T0 + 21.0, "1e300");
+    let mut w = connection(W, "10.0.0.4:4000", T0 + 30.0, &[b"w-one;"]);
+    w[0] = with_time(&w[0], T0 + 30.0, "-1e300");
+    let mut lines = Vec::new();
+    lines.extend(connection(X, "10.0.0.1:4000", T0, &[b"x-one;", b"x-two;"]));
+    lines.extend(connection(Y, "10.0.0.1:4001", T0 + 10.0, &[b"y-one;"]));
+    lines.extend(z);
+    lines.extend(w);
+    write_lines(&path, &lines);
+
+    let target = Target::start(Behaviour::Record);
+    let folder = dir.path().to_str().unwrap();
+    let run = replay(
+        &target.address(),
+        &["--speed", "1", "--concurrency", "4", folder],
+    );
+    let (file, at) = (path.display(), "is not a time from 1970 to 9999");
+    assert_outcome(
+        "replay --speed 1 of a folder with a timestamp that is no time",
+        &run,
+        0,
+        &[
+            format!("proxy-channel replay: {file}:9: skipped: server.timestamp 1e300 {at}"),
+            format!("proxy-channel replay: {file}:11: skipped: server.timestamp -1e300 {at}"),
+            format!(
+                "proxy-channel replay: {Z}: skipped: line 9 of {file}: server.timestamp 1e300 {at}"
+            ),
+            format!(
+                "proxy-channel replay: {W}: skipped: line 11 of {file}: server.timestamp -1e300 {at}"
+            ),
+            summary(2, 18, 0, 0, 2),
+        ],
+    );
+    let received: BTreeSet<Vec<u8>> = received_by(&target, 2).into_iter().collect();
+    let expected: BTreeSet<Vec<u8>> = [b"x-one;x-two;".to_vec(), b"y-one;".to_vec()].into();
+    assert_eq!(received, expected, "the good connections, replayed whole");
+}
