@@ -299,12 +299,27 @@ impl Store {
             return;
         }
         let now = SystemTime::now();
-        let Some(target) = rotation::next_rotated_path(&self.settings.dir, now) else {
-            warn!("a thousand files were rotated this second; rotating in the next one ({why})");
-            self.rotate_retry_at = Some(Instant::now() + until_next_second(now));
-            return;
+        let target = match rotation::next_rotated_path(&self.settings.dir, now) {
+            Ok(Some(target)) => target,
+            Ok(None) => {
+                warn!(
+                    "a thousand files were rotated this second; rotating in the next one ({why})"
+                );
+                self.rotate_retry_at = Some(Instant::now() + until_next_second(now));
+                return;
+            }
+            Err(e) => {
+                // Guessing the name could replace a file rotated this second.
+                warn!(
+                    "cannot list {} to name the rotated file: {e}; rotating in the next second ({why})",
+                    self.settings.dir.display()
+                );
+                self.rotate_retry_at = Some(Instant::now() + until_next_second(now));
+                return;
+            }
         };
-        let renamed = fs::rename(&self.path, &target).and_then(|()| open_current(&self.path));
+        let renamed = rotation::rename_no_replace(&self.path, &target)
+            .and_then(|()| open_current(&self.path));
         match renamed {
             Ok(current) => {
                 info!(
