@@ -238,13 +238,17 @@ fn bind_all(addresses: &[SocketAddr]) -> Result<Vec<TcpListener>, DaemonError> {
 /// A listening socket with a long accept queue: when a fleet reconnects at
 /// once (after a network outage or a restart), a short queue drops SYNs and
 /// devices wait seconds for their retransmits. The kernel caps the length
-/// at net.core.somaxconn.
+/// at net.core.somaxconn. An IPv6 address takes IPv6 only (as nginx does),
+/// so that `0.0.0.0:5555,[::]:5555` can both be listened on.
 fn listen(address: SocketAddr) -> io::Result<TcpListener> {
     let socket = Socket::new(
         Domain::for_address(address),
         Type::STREAM,
         Some(Protocol::TCP),
     )?;
+    if address.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&address.into())?;
