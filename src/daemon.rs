@@ -77,10 +77,12 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     // one's folder stops here, before touching the folder.
     let control_socket = bind_control_socket(&config)?;
     let stopping = Arc::new(AtomicBool::new(false));
+    let rotate_requested = Arc::new(AtomicBool::new(false));
     let store = Store::open(
         StoreSettings::new(&config),
         Arc::clone(&registry.writer),
         Arc::clone(&stopping),
+        Arc::clone(&rotate_requested),
     )?;
     info!("writing messages to {}", store.path().display());
     log_descriptor_room(&config);
@@ -159,8 +161,12 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     for signal in signals.forever() {
         if signal == SIGHUP {
             info!("SIGHUP: rotating the message file");
-            // The writer outlives this loop, so the send cannot fail.
-            let _ = store_sender.send(StoreCommand::Rotate);
+            // Never wait here (a writer stuck on a full disk would keep
+            // SIGTERM from being handled): the flag is the request, the
+            // command only wakes the writer. A full queue means the writer
+            // loops soon anyway and sees the flag.
+            rotate_requested.store(true, Ordering::SeqCst);
+            let _ = store_sender.try_send(StoreCommand::Rotate);
         } else {
             info!("signal {signal}: shutting down");
             break;
@@ -232,13 +238,17 @@ fn bind_all(addresses: &[SocketAddr]) -> Result<Vec<TcpListener>, DaemonError> {
 /// A listening socket with a long accept queue: when a fleet reconnects at
 /// once (after a network outage or a restart), a short queue drops SYNs and
 /// devices wait seconds for their retransmits. The kernel caps the length
-/// at net.core.somaxconn.
+/// at net.core.somaxconn. An IPv6 address takes IPv6 only (as nginx does),
+/// so that `0.0.0.0:5555,[::]:5555` can both be listened on.
 fn listen(address: SocketAddr) -> io::Result<TcpListener> {
     let socket = Socket::new(
         Domain::for_address(address),
         Type::STREAM,
         Some(Protocol::TCP),
     )?;
+    if address.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&address.into())?;

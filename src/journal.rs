@@ -85,7 +85,7 @@ pub struct Batch {
 /// What the file writer is asked to do.
 pub enum StoreCommand {
     Write(Batch),
-    /// Rotate the current file now (SIGHUP).
+    /// Wakes the writer to look at its "rotate requested" flag (SIGHUP).
     Rotate,
 }
 

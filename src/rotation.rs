@@ -1,4 +1,5 @@
-//! The names of message files and which rotated files to keep.
+//! The names of message files, which rotated files to keep, and the rename
+//! that never replaces one.
 //!
 //! The current file is `messages.jsonl`; a rotated one is
 //! `messages-YYYYMMDDTHHMMSSZ.jsonl` (UTC), or `..Z_001.jsonl`, `..Z_002.jsonl`
@@ -86,17 +87,31 @@ const LAST_COUNTER: u32 = 999;
 /// The name for a file rotated now: a counter one past the highest of
 /// this second's names still in `dir`, so that a name freed by retention
 /// is never reused out of order. None once the second's names are used up
-/// (rotation then waits for the next second).
-pub fn next_rotated_path(dir: &Path, now: SystemTime) -> Option<PathBuf> {
+/// (rotation then waits for the next second). An error if `dir` cannot be
+/// listed (say, out of descriptors): the counter is unknown then.
+pub fn next_rotated_path(dir: &Path, now: SystemTime) -> io::Result<Option<PathBuf>> {
     let second = parse_rotated_name(&rotated_name(now, 0)).map(|(time, _)| time);
-    let highest = rotated_files(dir)
-        .unwrap_or_default()
+    let highest = rotated_files(dir)?
         .into_iter()
         .filter(|file| Some(file.rotated_at) == second)
         .map(|file| file.counter)
         .max();
     let counter = highest.map_or(0, |c| c.saturating_add(1));
-    (counter <= LAST_COUNTER).then(|| dir.join(rotated_name(now, counter)))
+    Ok((counter <= LAST_COUNTER).then(|| dir.join(rotated_name(now, counter))))
+}
+
+/// Renames `from` to `to` unless `to` exists (an AlreadyExists error then).
+/// Checked just before the rename: the writer is the only one to make
+/// rotated names in its (locked) folder.
+pub fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(to) {
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} already exists", to.display()),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::rename(from, to),
+        Err(e) => Err(e),
+    }
 }
 
 /// The rotated files to delete: beyond the newest `keep` ones, or rotated
@@ -168,12 +183,12 @@ mod tests {
         }
         // Counter 0 was deleted by retention; the next must still sort last.
         assert_eq!(
-            next_rotated_path(dir.path(), now),
+            next_rotated_path(dir.path(), now).unwrap(),
             Some(dir.path().join(rotated_name(now, 3)))
         );
         let later = at(1_795_000_001);
         assert_eq!(
-            next_rotated_path(dir.path(), later),
+            next_rotated_path(dir.path(), later).unwrap(),
             Some(dir.path().join(rotated_name(later, 0)))
         );
     }
@@ -183,7 +198,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let now = at(1_795_000_000);
         let mut names = Vec::new();
-        while let Some(path) = next_rotated_path(dir.path(), now) {
+        while let Some(path) = next_rotated_path(dir.path(), now).unwrap() {
             std::fs::File::create(&path).unwrap();
             names.push(path.file_name().unwrap().to_string_lossy().into_owned());
             assert!(
@@ -197,9 +212,41 @@ mod tests {
         assert_eq!(sorted, names, "name order is rotation order");
         let later = at(1_795_000_001);
         assert_eq!(
-            next_rotated_path(dir.path(), later),
+            next_rotated_path(dir.path(), later).unwrap(),
             Some(dir.path().join(rotated_name(later, 0)))
         );
+    }
+
+    #[test]
+    fn a_folder_that_cannot_be_listed_gives_no_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_a_folder = dir.path().join("a file");
+        std::fs::File::create(&not_a_folder).unwrap();
+        let now = at(1_795_000_000);
+        // A name with counter 0 could replace a file rotated this second.
+        for unlistable in [not_a_folder, dir.path().join("gone")] {
+            let next = next_rotated_path(&unlistable, now);
+            assert!(next.is_err(), "{}: {next:?}", unlistable.display());
+        }
+    }
+
+    #[test]
+    fn a_rename_never_replaces_an_existing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (current, rotated) = (dir.path().join(CURRENT), dir.path().join("rotated"));
+        std::fs::write(&current, "new").unwrap();
+        std::fs::write(&rotated, "old").unwrap();
+        let renamed = rename_no_replace(&current, &rotated);
+        assert_eq!(
+            renamed.map_err(|e| e.kind()),
+            Err(io::ErrorKind::AlreadyExists)
+        );
+        assert_eq!(std::fs::read_to_string(&rotated).unwrap(), "old");
+        assert_eq!(std::fs::read_to_string(&current).unwrap(), "new");
+        let free = dir.path().join("free");
+        rename_no_replace(&current, &free).unwrap();
+        assert_eq!(std::fs::read_to_string(&free).unwrap(), "new");
+        assert!(!current.exists());
     }
 
     #[test]

@@ -10,8 +10,10 @@
 //! the file and the folder; a rotated file is synced by `store/syncer.rs`
 //! on a thread of its own while the writer goes on with the new one. If
 //! `messages.jsonl` is moved or deleted under it (logrotate), the writer
-//! notices before its next write and starts a new one. One exception to
-//! "nothing is dropped": when the daemon is stopping and writes have failed
+//! notices before its next write and starts a new one. SIGHUP sets a flag
+//! that the writer looks at each time round its loop (the signal thread
+//! never waits for the writer, which may be stuck on a full disk). One
+//! exception to "nothing is dropped": when the daemon is stopping and writes have failed
 //! for SHUTDOWN_GRACE, the rest is given up, logged and counted, so that a
 //! full disk cannot keep the daemon from exiting. A lock file keeps a
 //! second daemon out of the folder.
@@ -100,6 +102,8 @@ pub struct Store {
     rotate_retry_at: Option<Instant>,
     /// Set by the daemon when it starts to stop.
     stopping: Arc<AtomicBool>,
+    /// Set by the daemon on SIGHUP; the writer clears it and rotates.
+    rotate_requested: Arc<AtomicBool>,
     stopping_seen: Option<Instant>,
     lost: u64,
     /// The folder's lock, held for the writer's life.
@@ -117,6 +121,7 @@ impl Store {
         settings: StoreSettings,
         counters: Arc<Counters>,
         stopping: Arc<AtomicBool>,
+        rotate_requested: Arc<AtomicBool>,
     ) -> Result<Store, StoreError> {
         let fail = |source| StoreError {
             dir: settings.dir.clone(),
@@ -135,6 +140,7 @@ impl Store {
             reported: HashSet::new(),
             rotate_retry_at: None,
             stopping,
+            rotate_requested,
             stopping_seen: None,
             lost: 0,
             _lock: lock,
@@ -171,6 +177,10 @@ impl Store {
                 }
             }
             self.write_pending();
+            if self.rotate_requested.swap(false, Ordering::SeqCst) {
+                self.follow_moved_file();
+                self.rotate("SIGHUP");
+            }
             self.rotate_if_due();
             if last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
                 last_housekeeping = Instant::now();
@@ -191,11 +201,8 @@ impl Store {
                 self.pending.push(batch.lines);
                 self.pending_lines += batch.count as u64;
             }
-            StoreCommand::Rotate => {
-                self.write_pending();
-                self.follow_moved_file();
-                self.rotate("SIGHUP");
-            }
+            // Only a wake-up: the loop looks at `rotate_requested`.
+            StoreCommand::Rotate => {}
         }
     }
 
@@ -292,12 +299,27 @@ impl Store {
             return;
         }
         let now = SystemTime::now();
-        let Some(target) = rotation::next_rotated_path(&self.settings.dir, now) else {
-            warn!("a thousand files were rotated this second; rotating in the next one ({why})");
-            self.rotate_retry_at = Some(Instant::now() + until_next_second(now));
-            return;
+        let target = match rotation::next_rotated_path(&self.settings.dir, now) {
+            Ok(Some(target)) => target,
+            Ok(None) => {
+                warn!(
+                    "a thousand files were rotated this second; rotating in the next one ({why})"
+                );
+                self.rotate_retry_at = Some(Instant::now() + until_next_second(now));
+                return;
+            }
+            Err(e) => {
+                // Guessing the name could replace a file rotated this second.
+                warn!(
+                    "cannot list {} to name the rotated file: {e}; rotating in the next second ({why})",
+                    self.settings.dir.display()
+                );
+                self.rotate_retry_at = Some(Instant::now() + until_next_second(now));
+                return;
+            }
         };
-        let renamed = fs::rename(&self.path, &target).and_then(|()| open_current(&self.path));
+        let renamed = rotation::rename_no_replace(&self.path, &target)
+            .and_then(|()| open_current(&self.path));
         match renamed {
             Ok(current) => {
                 info!(

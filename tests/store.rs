@@ -640,6 +640,43 @@ fn sigterm_on_a_full_disk_exits_after_a_grace_period_and_says_what_was_lost() {
     );
 }
 
+/// SIGHUP while the writer is stuck on a full disk (its queue full, the
+/// workers waiting on it) must not keep a later SIGTERM from being
+/// handled: the daemon exits as it does on SIGTERM alone, after the 5 s
+/// grace (plus at most one retry backoff), with status 1.
+#[test]
+fn sighup_while_the_writer_is_stuck_does_not_block_sigterm() {
+    let disk = Tmpfs::mount("4m");
+    let elsewhere = tempfile::tempdir().unwrap();
+    let socket = elsewhere.path().join("control.sock");
+    let mut daemon = Daemon::start_in(
+        disk.path(),
+        &[("PROXY_CONTROL_SOCKET", socket.to_str().unwrap())],
+    );
+    let (_filler, _) = disk.fill("filler.bin");
+    let devices: Vec<Device> = (0..4).map(|_| Device::connect(daemon.addr())).collect();
+    let load = Load::start(devices, &Pace::trickle(), 6_000);
+    daemon.wait_log("cannot write messages to ", 1, secs(10));
+    assert!(
+        workers_stalled(&socket),
+        "the writer's queue never filled up on a full disk"
+    );
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_log("SIGHUP: rotating the message file", 1, secs(3));
+    let asked = Instant::now();
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait_exit(secs(15));
+    drop(load);
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "expected exit status 1 within 15 s of SIGTERM (sent after a SIGHUP, on a full disk), \
+         saw {status:?} after {:?}; stderr:\n{}",
+        asked.elapsed(),
+        daemon.stderr_lines().join("\n")
+    );
+}
+
 /// Two daemons never write one folder: with no control socket to tell
 /// them apart, the folder's lock stops the second before it listens.
 #[test]

@@ -158,7 +158,8 @@ fn start_store(dir: &Path, rotate_size: u64) -> Result<Writer, String> {
         retain_files: 10_000,
         retain_age: Duration::from_secs(86_400),
     };
-    let store = Store::open(settings, Arc::default(), Arc::new(AtomicBool::new(false)))
+    let stopping = Arc::new(AtomicBool::new(false));
+    let store = Store::open(settings, Arc::default(), stopping, Arc::default())
         .map_err(|e| e.to_string())?;
     let (sender, receiver) = crossbeam_channel::bounded(64);
     let pool = BufferPool::new();
