@@ -698,12 +698,8 @@ fn a_stale_socket_is_replaced_a_live_one_refused_and_off_means_none() {
 #[test]
 fn ctl_list_and_close_do_not_give_wrong_answers_while_the_disk_is_full() {
     let disk = Tmpfs::mount("4m");
-    let elsewhere = tempfile::tempdir().unwrap();
-    let socket = elsewhere.path().join("control.sock");
-    let daemon = Daemon::start_in(
-        disk.path(),
-        &[("PROXY_CONTROL_SOCKET", socket.to_str().unwrap())],
-    );
+    let socket = disk.control_socket();
+    let daemon = disk.start_daemon();
     let victim = Device::connect(daemon.addr());
     let mut log = daemon.log();
     let ident = log.wait_ident(victim.name(), secs(5));

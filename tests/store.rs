@@ -447,12 +447,8 @@ fn kill_9_under_load_then_a_restart_appends_cleanly_after_the_cut_line() {
 #[test]
 fn a_full_disk_is_logged_and_retried_and_nothing_is_lost_once_there_is_room() {
     let disk = Tmpfs::mount("4m");
-    let elsewhere = tempfile::tempdir().unwrap();
-    let socket = elsewhere.path().join("control.sock");
-    let mut daemon = Daemon::start_in(
-        disk.path(),
-        &[("PROXY_CONTROL_SOCKET", socket.to_str().unwrap())],
-    );
+    let socket = disk.control_socket();
+    let mut daemon = disk.start_daemon();
     let current = daemon.messages_path();
     let mut early = Device::connect(daemon.addr());
     early.send(b"before the disk filled up;");
@@ -647,12 +643,8 @@ fn sigterm_on_a_full_disk_exits_after_a_grace_period_and_says_what_was_lost() {
 #[test]
 fn sighup_while_the_writer_is_stuck_does_not_block_sigterm() {
     let disk = Tmpfs::mount("4m");
-    let elsewhere = tempfile::tempdir().unwrap();
-    let socket = elsewhere.path().join("control.sock");
-    let mut daemon = Daemon::start_in(
-        disk.path(),
-        &[("PROXY_CONTROL_SOCKET", socket.to_str().unwrap())],
-    );
+    let socket = disk.control_socket();
+    let mut daemon = disk.start_daemon();
     let (_filler, _) = disk.fill("filler.bin");
     let devices: Vec<Device> = (0..4).map(|_| Device::connect(daemon.addr())).collect();
     let load = Load::start(devices, &Pace::trickle(), 6_000);

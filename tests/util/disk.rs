@@ -7,11 +7,14 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::run_setup;
+use super::{Daemon, run_setup};
 
 /// A tmpfs of a given size mounted on a fresh temporary folder.
 pub struct Tmpfs {
     dir: tempfile::TempDir,
+    /// Where a daemon on this disk gets its control socket: a full disk
+    /// has no room for the socket file.
+    elsewhere: tempfile::TempDir,
 }
 
 impl Tmpfs {
@@ -36,11 +39,25 @@ impl Tmpfs {
             dir.path().display(),
             String::from_utf8_lossy(&output.stderr)
         );
-        Tmpfs { dir }
+        let elsewhere = tempfile::tempdir().expect("a folder for the control socket");
+        Tmpfs { dir, elsewhere }
     }
 
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// A daemon writing its messages on this disk, its control socket at
+    /// [`Tmpfs::control_socket`].
+    pub fn start_daemon(&self) -> Daemon {
+        let socket = self.control_socket();
+        let socket = socket.to_str().expect("a UTF-8 temporary path");
+        Daemon::start_in(self.path(), &[("PROXY_CONTROL_SOCKET", socket)])
+    }
+
+    /// The control socket of [`Tmpfs::start_daemon`]'s daemon, off this disk.
+    pub fn control_socket(&self) -> PathBuf {
+        self.elsewhere.path().join("control.sock")
     }
 
     /// Writes a file of zeros at `name` until the tmpfs is full; returns
