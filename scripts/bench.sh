@@ -3,7 +3,7 @@
 # machine, loopback only.
 #
 # Builds the release binaries (proxy-channel and the load generator,
-# src/bin/loadgen), installs haproxy if it is missing, then runs every case
+# loadgen/src), installs haproxy if it is missing, then runs every case
 # of `loadgen cases` round after round: within a round each case runs
 # against proxy-channel, then haproxy (A B A B ...), and against no proxy at
 # all ("direct", the physical reference) in odd rounds. Each run is one
@@ -74,7 +74,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-run cargo build --release --quiet --bin proxy-channel --bin loadgen
+run cargo build --release --quiet --workspace
 loadgen=target/release/loadgen
 if [[ -n $report_only ]]; then
     exec "$loadgen" report "$report_only"

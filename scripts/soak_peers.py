@@ -53,7 +53,7 @@ PAUSE = (0.05, 0.25)
 CHUNKS = (1, 4)
 CHUNK_BYTES = (1024, 4096)
 
-# Device drop reasons in `ctl stats --json` "drops" rows (src/stats.rs,
+# Device drop reasons in `ctl stats --json` "drops" rows (src/control/stats.rs,
 # DropKind::ALL), and the ending each one should count.
 DROP_KINDS = (
     "closed_by_peer", "reset_by_peer", "idle_timeout", "connect_failed",

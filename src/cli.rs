@@ -12,11 +12,11 @@ use std::time::Duration;
 use lexopt::prelude::*;
 
 use crate::config::{SETTINGS, parse_target_address};
-use crate::ctl::{CtlOptions, Request};
-use crate::filter::Filter;
-use crate::replay::ReplayOptions;
+use crate::control::client::{CtlOptions, Request};
+use crate::tools::filter::Filter;
+use crate::tools::replay::ReplayOptions;
+use crate::tools::viewer::{self, Format, ViewOptions};
 use crate::units::parse_duration;
-use crate::viewer::{self, Format, ViewOptions};
 
 pub enum Command {
     Run,

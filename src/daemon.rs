@@ -21,16 +21,16 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::acceptor::{Acceptor, AcceptorSetup};
 use crate::config::Config;
-use crate::connection::{Settings, TargetAddresses};
-use crate::control::{self, Control, ControlSetup};
-use crate::journal::{BufferPool, Journal, JournalSettings, StoreCommand};
-use crate::limits;
-use crate::resolver;
-use crate::stats::{Counters, Registry};
-use crate::store::{Store, StoreError, StoreSettings};
-use crate::worker::{Command, Worker, WorkerHandle, WorkerSetup};
+use crate::control::server::{self as control_server, Control, ControlSetup};
+use crate::control::stats::{Counters, Registry};
+use crate::net::acceptor::{Acceptor, AcceptorSetup};
+use crate::net::connection::{Settings, TargetAddresses};
+use crate::net::limits;
+use crate::net::resolver;
+use crate::net::worker::{Command, Worker, WorkerHandle, WorkerSetup};
+use crate::store::journal::{BufferPool, Journal, JournalSettings, StoreCommand};
+use crate::store::writer::{Store, StoreError, StoreSettings};
 
 /// The listening sockets' accept queue (capped by net.core.somaxconn).
 const ACCEPT_QUEUE: i32 = 8192;
@@ -203,7 +203,7 @@ fn bind_control_socket(
     let Some(path) = &config.control_socket else {
         return Ok(None);
     };
-    let listener = control::bind(path).map_err(|source| DaemonError::Control {
+    let listener = control_server::bind(path).map_err(|source| DaemonError::Control {
         path: path.clone(),
         source,
     })?;

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use proxy_channel::cli::{self, Command};
 use proxy_channel::config::Config;
-use proxy_channel::{ctl, daemon, replay, viewer};
+use proxy_channel::control::client as ctl;
+use proxy_channel::daemon;
+use proxy_channel::tools::{replay, viewer};
 
 fn main() -> ExitCode {
     let command = match cli::parse(std::env::args_os().skip(1).collect()) {

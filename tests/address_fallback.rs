@@ -14,11 +14,11 @@ use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
 use proxy_channel::config::Config;
-use proxy_channel::connection::Settings;
-use proxy_channel::journal::{BufferPool, Journal, JournalSettings, StoreCommand};
-use proxy_channel::message::{Ident, Origin};
-use proxy_channel::stats::Counters;
-use proxy_channel::worker::{Command, Worker, WorkerSetup};
+use proxy_channel::control::stats::Counters;
+use proxy_channel::net::connection::Settings;
+use proxy_channel::net::worker::{Command, Worker, WorkerSetup};
+use proxy_channel::store::journal::{BufferPool, Journal, JournalSettings, StoreCommand};
+use proxy_channel::store::message::{Ident, Origin};
 use util::*;
 
 /// Reads everything one accepted connection sends, until it closes.

@@ -5,7 +5,7 @@
 
 use proptest::prelude::*;
 use proxy_channel::config::{AcceptProxyProtocol, SendProxyProtocol};
-use proxy_channel::proxy_header::{MAX_HEADER, Parsed, build, parse};
+use proxy_channel::net::proxy_header::{MAX_HEADER, Parsed, build, parse};
 
 const MODES: [AcceptProxyProtocol; 3] = [
     AcceptProxyProtocol::V1,

@@ -14,10 +14,10 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::{Connection, Context};
-use crate::message::DEVICE;
-use crate::proxy_header::{self, MAX_HEADER, Parsed};
-use crate::reason::{self, Reason};
-use crate::socket::ReadOutcome;
+use crate::net::proxy_header::{self, MAX_HEADER, Parsed};
+use crate::net::reason::{self, Reason};
+use crate::net::socket::ReadOutcome;
+use crate::store::message::DEVICE;
 use crate::units::format_duration;
 
 /// The header bytes read so far.

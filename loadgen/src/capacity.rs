@@ -14,10 +14,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
-use proxy_channel::journal::{BufferPool, Journal, JournalSettings, StoreCommand};
-use proxy_channel::message::{Ident, Origin};
-use proxy_channel::stats::Counters;
-use proxy_channel::store::{Store, StoreSettings};
+use proxy_channel::control::stats::Counters;
+use proxy_channel::store::journal::{BufferPool, Journal, JournalSettings, StoreCommand};
+use proxy_channel::store::message::{Ident, Origin};
+use proxy_channel::store::writer::{Store, StoreSettings};
 
 use crate::scenario::Metric;
 use crate::store;

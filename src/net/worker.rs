@@ -21,13 +21,13 @@ use mio::net::TcpStream;
 use mio::{Events, Poll, Token, Waker};
 use slab::Slab;
 
-use crate::connection::{
+use crate::control::stats::{self, Counters};
+use crate::net::connection::{
     Connection, ConnectionReport, Context, Drive, Settings, TargetAddresses, slot_and_side,
 };
-use crate::journal::Journal;
-use crate::message::{Ident, Origin};
-use crate::reason;
-use crate::stats::{self, Counters};
+use crate::net::reason;
+use crate::store::journal::Journal;
+use crate::store::message::{Ident, Origin};
 
 /// The worker's read buffer: one read returns at most this much (less in
 /// store mode, see `Settings::max_read`, and never more than a target's

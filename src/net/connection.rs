@@ -24,11 +24,11 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
 use crate::config::{AcceptProxyProtocol, Config, MAX_TARGETS, SendProxyProtocol};
-use crate::journal::{Closed, Journal};
-use crate::message::{DEVICE, Origin};
-use crate::reason::{self, Reason};
-use crate::socket::{Endpoint, ReadOutcome};
-use crate::stats::{self, Counters};
+use crate::control::stats::{self, Counters};
+use crate::net::reason::{self, Reason};
+use crate::net::socket::{Endpoint, ReadOutcome};
+use crate::store::journal::{Closed, Journal};
+use crate::store::message::{DEVICE, Origin};
 
 mod header;
 mod report;

@@ -32,12 +32,11 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::{error, info, warn};
 
 use crate::config::Config;
-use crate::journal::{BufferPool, StoreCommand};
-use crate::rotation::{self, CURRENT};
-use crate::stats::{self, Counters};
+use crate::control::stats::{self, Counters};
+use crate::store::journal::{BufferPool, StoreCommand};
+use crate::store::rotation::{self, CURRENT};
 
-mod syncer;
-use syncer::{Syncer, sync_dir, sync_file};
+use super::syncer::{Syncer, sync_dir, sync_file};
 
 /// Write once this much is buffered, even if more is waiting.
 const WRITE_CHUNK: usize = 1 << 20;

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::connection::ConnectionReport;
-use crate::stats::{DropKind, Snapshot};
+use crate::control::stats::{DropKind, Snapshot};
+use crate::net::connection::ConnectionReport;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {

@@ -9,7 +9,7 @@ use std::fs;
 use std::io::{self, Write as _};
 use std::path::Path;
 
-use crate::stats::{DropKind, Snapshot};
+use crate::control::stats::{DropKind, Snapshot};
 
 /// Reads one per-target counter out of a snapshot.
 type PerTarget = fn(&Snapshot, usize) -> u64;

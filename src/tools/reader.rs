@@ -12,7 +12,7 @@ use std::io::{self, BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::rotation::{self, CURRENT};
+use crate::store::rotation::{self, CURRENT};
 
 /// A path that cannot be read.
 #[derive(Debug, thiserror::Error)]

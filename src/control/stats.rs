@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::reason;
+use crate::net::reason;
 
 /// The device plus three targets.
 pub const SIDES: usize = 4;

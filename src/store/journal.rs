@@ -12,8 +12,8 @@ use log::error;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::message::{Event, Message, Micros, Origin};
-use crate::stats::{self, Counters};
+use crate::control::stats::{self, Counters};
+use crate::store::message::{Event, Message, Micros, Origin};
 
 /// A batch is sent once it holds this many bytes (or at the end of a loop
 /// iteration, whichever comes first).

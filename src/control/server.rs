@@ -26,12 +26,12 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use slab::Slab;
 
-use crate::connection::ConnectionReport;
-use crate::journal::StoreCommand;
-use crate::message::Ident;
-use crate::metrics;
-use crate::stats::{Registry, Snapshot};
-use crate::worker::{Command, WorkerHandle};
+use crate::control::metrics;
+use crate::control::stats::{Registry, Snapshot};
+use crate::net::connection::ConnectionReport;
+use crate::net::worker::{Command, WorkerHandle};
+use crate::store::journal::StoreCommand;
+use crate::store::message::Ident;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX);

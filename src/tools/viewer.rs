@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use jiff::tz::TimeZone;
 
-use crate::filter::Filter;
-use crate::message::{DEVICE, Micros, StoredMessage};
-use crate::reader::{LineReader, ReadError, message_files, report_skipped};
-use crate::rotation::CURRENT;
+use crate::store::message::{DEVICE, Micros, StoredMessage};
+use crate::store::rotation::CURRENT;
+use crate::tools::filter::Filter;
+use crate::tools::reader::{LineReader, ReadError, message_files, report_skipped};
 
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
 

@@ -18,11 +18,11 @@ use log::{debug, error, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use crate::journal::{Closed, Journal};
-use crate::message::{DEVICE, IdentGenerator, Origin};
-use crate::reason;
-use crate::stats::{self, Counters};
-use crate::worker::{Command, WorkerHandle};
+use crate::control::stats::{self, Counters};
+use crate::net::reason;
+use crate::net::worker::{Command, WorkerHandle};
+use crate::store::journal::{Closed, Journal};
+use crate::store::message::{DEVICE, IdentGenerator, Origin};
 
 const WAKER: Token = Token(usize::MAX);
 /// How long accepting pauses after the process ran out of descriptors.

@@ -5,7 +5,7 @@
 //! duration back from now (`15m`, `2h`, `7d`). `--since` is inclusive and
 //! `--until` exclusive.
 
-use crate::message::StoredMessage;
+use crate::store::message::StoredMessage;
 use crate::units::parse_duration;
 
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -21,9 +21,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::filter::Filter;
-use crate::message::{DEVICE, StoredMessage};
-use crate::reader::{LineReader, ReadError, message_files, report_skipped};
+use crate::store::message::{DEVICE, StoredMessage};
+use crate::tools::filter::Filter;
+use crate::tools::reader::{LineReader, ReadError, message_files, report_skipped};
 
 /// A write that makes no progress for this long fails its connection.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);

@@ -14,7 +14,7 @@ use std::time::Duration;
 use log::{info, warn};
 
 use crate::config::TargetAddress;
-use crate::worker::{Command, WorkerHandle};
+use crate::net::worker::{Command, WorkerHandle};
 
 const RESOLVE_EVERY: Duration = Duration::from_secs(1);
 

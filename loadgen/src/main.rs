@@ -153,7 +153,9 @@ fn run_case(
     timing: Timing,
     round: u32,
 ) -> ExitCode {
-    raise_open_file_limit();
+    if let Err(e) = proxy_channel::net::limits::raise_open_file_limit() {
+        eprintln!("loadgen: cannot raise the open-file limit: {e}");
+    }
     let result = std::fs::create_dir_all(&setup.work_dir)
         .map_err(|e| format!("{}: {e}", setup.work_dir.display()))
         .and_then(|()| scenario::run(case, kind, setup, timing));
@@ -198,22 +200,4 @@ fn run_case(
     };
     println!("{line}");
     code
-}
-
-/// Trackers need about two sockets per device in this one process.
-fn raise_open_file_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: get/setrlimit with a valid pointer to a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                eprintln!("loadgen: cannot raise the open-file limit");
-            }
-        }
-    }
 }

@@ -15,10 +15,10 @@ use mio::net::TcpStream;
 
 use super::{Connection, Context, Link, Settings, TargetSpec, token};
 use crate::config::{MAX_TARGETS, SendProxyProtocol};
-use crate::journal::Closed;
-use crate::proxy_header;
-use crate::reason::{self, Reason};
-use crate::socket::{Endpoint, ReadOutcome};
+use crate::net::proxy_header;
+use crate::net::reason::{self, Reason};
+use crate::net::socket::{Endpoint, ReadOutcome};
+use crate::store::journal::Closed;
 
 impl Connection {
     pub(super) fn connect_target(&mut self, spec: &TargetSpec, ctx: &mut Context<'_>) {

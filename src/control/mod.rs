@@ -1,0 +1,8 @@
+//! Talking to a running daemon: the control socket's [`server`] thread and
+//! its [`client`] (`proxy-channel ctl`), the per-thread [`stats`] counters
+//! they report, and the Prometheus [`metrics`] file written from them.
+
+pub mod client;
+pub mod metrics;
+pub mod server;
+pub mod stats;

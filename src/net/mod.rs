@@ -1,0 +1,17 @@
+//! The network side: from an accepted device socket to its target sockets.
+//!
+//! The [`acceptor`] accepts device sockets (refusing over the [`limits`]) and
+//! hands each to a [`worker`]; a worker's poll loop drives each
+//! [`connection`]: the device and its targets, each a non-blocking
+//! [`socket`] with a bounded queue. [`proxy_header`] reads and writes HAProxy
+//! PROXY protocol headers, the [`resolver`] keeps target host names fresh
+//! off the workers, and [`reason`] names why a side was dropped.
+
+pub mod acceptor;
+pub mod connection;
+pub mod limits;
+pub mod proxy_header;
+pub mod reason;
+pub mod resolver;
+pub mod socket;
+pub mod worker;
