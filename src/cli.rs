@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use lexopt::prelude::*;
 
-use crate::config::{SETTINGS, parse_target_address};
+use crate::config::{self, SETTINGS, parse_target_address};
 use crate::control::client::{CtlOptions, Request};
 use crate::tools::filter::Filter;
 use crate::tools::replay::ReplayOptions;
@@ -93,7 +93,7 @@ fn parse_view(parser: &mut lexopt::Parser) -> Result<ViewOptions, UsageError> {
         }
     }
     if options.paths.is_empty() {
-        options.paths.push(default_data_dir());
+        options.paths.push(config::data_dir_from_env());
     }
     Ok(options)
 }
@@ -155,7 +155,7 @@ fn parse_replay(parser: &mut lexopt::Parser) -> Result<ReplayOptions, UsageError
     }
     options.target = target;
     if options.paths.is_empty() {
-        options.paths.push(default_data_dir());
+        options.paths.push(config::data_dir_from_env());
     }
     Ok(options)
 }
@@ -189,12 +189,11 @@ fn parse_ctl(parser: &mut lexopt::Parser) -> Result<CtlOptions, UsageError> {
     })
 }
 
-/// $PROXY_CONTROL_SOCKET, or control.sock in the data folder.
+/// $PROXY_CONTROL_SOCKET, or control.sock in the data folder, by the
+/// daemon's own rule.
 fn default_control_socket() -> PathBuf {
-    match std::env::var_os("PROXY_CONTROL_SOCKET").filter(|v| !v.is_empty() && v != "off") {
-        Some(path) => PathBuf::from(path),
-        None => default_data_dir().join("control.sock"),
-    }
+    config::control_socket_from_env()
+        .unwrap_or_else(|| config::data_dir_from_env().join("control.sock"))
 }
 
 /// Takes the value of filter `option` into `filter`.
@@ -219,20 +218,15 @@ fn invalid(option: &str, value: &str, expected: &str) -> UsageError {
     UsageError(format!("{option} {value:?}: expected {expected}"))
 }
 
-/// $PROXY_DATA_DIR, or ./data as the daemon's default.
-fn default_data_dir() -> PathBuf {
-    std::env::var_os("PROXY_DATA_DIR")
-        .filter(|v| !v.is_empty())
-        .map_or_else(|| PathBuf::from("./data"), PathBuf::from)
-}
-
 /// The text of `--help`.
 pub fn help() -> String {
     let mut text = String::from(HELP);
     for setting in SETTINGS {
         text.push_str(&format!(
             "  {:<28} {:<30} {}\n",
-            setting.name, setting.default, setting.meaning
+            setting.name,
+            setting.shown_default(),
+            setting.meaning
         ));
     }
     text

@@ -12,46 +12,127 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::net::allow::AllowList;
 use crate::units::{parse_bool, parse_duration, parse_size};
 
 /// Target numbers are 1..=3, and a message's `proxy.source` is that number.
 pub const MAX_TARGETS: usize = 3;
 
-/// One documented variable: its name, its default and what it means.
+/// One variable: its name, its default, what a value must look like, and
+/// what it means. The default is written here once: parsing takes it from
+/// this table when the variable is unset, and `--help` and the README show it.
 pub struct Setting {
     pub name: &'static str,
+    /// The value used when the variable is unset (`""`: unset).
     pub default: &'static str,
+    /// How `--help` shows the default when it is not a plain value.
+    pub shown: Option<&'static str>,
+    /// What a value must look like, for the one-line error of a bad value.
+    pub expected: &'static str,
     pub meaning: &'static str,
 }
+
+impl Setting {
+    /// The default as `--help` and the README's table show it.
+    pub fn shown_default(&self) -> &'static str {
+        match (self.shown, self.default) {
+            (Some(shown), _) => shown,
+            (None, "") => "unset",
+            (None, default) => default,
+        }
+    }
+}
+
+const fn setting(
+    name: &'static str,
+    default: &'static str,
+    expected: &'static str,
+    meaning: &'static str,
+) -> Setting {
+    Setting {
+        name,
+        default,
+        shown: None,
+        expected,
+        meaning,
+    }
+}
+
+const LISTEN_EXPECTED: &str = "comma-separated ip:port addresses, such as 0.0.0.0:5555,[::]:5555";
+const LISTEN_UDP_EXPECTED: &str = "comma-separated ip:port addresses, such as 0.0.0.0:5556";
+const BOOL_EXPECTED: &str = "true/false, 1/0, yes/no or on/off";
+const NUMBER_EXPECTED: &str = "a whole number";
+const LIMIT_EXPECTED: &str = "a whole number (0: no limit)";
+const POSITIVE_NUMBER: &str = "a whole number above 0";
+const SIZE_EXPECTED: &str = "a size such as 4096, 64KiB, 2MiB or 1GB";
+const POSITIVE_SIZE: &str = "a size above 0, such as 64KiB, 2MiB or 1GB";
+const BUFFER_EXPECTED: &str = "a size from 1KiB to 1GiB, such as 64KiB or 4MiB";
+const LIMIT_DURATION: &str = "a duration such as 500ms, 30s, 10m, 1h or 7d (0: no limit)";
+const POSITIVE_DURATION: &str = "a duration above 0, such as 500ms, 30s, 10m, 1h or 7d";
+const WORKERS_EXPECTED: &str = "a whole number from 1 to 1024";
+const PATH_EXPECTED: &str = "a file path";
+const CONTROL_EXPECTED: &str = "a file path, or off";
+const TARGET_EXPECTED: &str =
+    "host:port with a port from 1 to 65535, such as 10.0.0.7:5000 or gps.example.com:21000";
+const ACCEPT_PROXY_EXPECTED: &str = "off, v1, v2 or any";
+const SEND_PROXY_EXPECTED: &str = "off, v1 or v2";
+const ALLOW_EXPECTED: &str =
+    "comma-separated addresses or CIDR blocks, such as 10.0.0.0/8,2001:db8::/32,192.0.2.7";
+const DEVICE_IDENT_EXPECTED: &str =
+    "auto, off, or a comma list of detectors: teltonika, gt06, h02, queclink, coban, meitrack";
+const REGEX_EXPECTED: &str = "a regular expression with one capture group";
 
 /// Every variable the daemon reads; `n` stands for a target number 1, 2 or 3.
 #[rustfmt::skip]
 pub const SETTINGS: &[Setting] = &[
-    Setting { name: "PROXY_LISTEN", default: "127.0.0.1:5555", meaning: "comma-separated ip:port addresses to accept device connections on" },
-    Setting { name: "PROXY_TARGETn", default: "unset", meaning: "host:port of target n (1..3); n is its proxy.source number" },
-    Setting { name: "PROXY_TARGETn_MANDATORY", default: "true", meaning: "a failure of target n drops the device connection" },
-    Setting { name: "PROXY_TARGETn_REPLIES", default: "true", meaning: "relay target n's replies to the device" },
-    Setting { name: "PROXY_TARGETn_SEND_PROXY", default: "off", meaning: "off, v1 or v2: send target n a PROXY protocol header first" },
-    Setting { name: "PROXY_STORE", default: "true", meaning: "store mode: record device traffic (and relayed replies) as event 0 messages" },
-    Setting { name: "PROXY_DATA_DIR", default: "./data", meaning: "folder of the message log files" },
-    Setting { name: "PROXY_CHANNEL_ID", default: "1", meaning: "channel.id of every message" },
-    Setting { name: "PROXY_PROTOCOL_ID", default: "0", meaning: "protocol.id of every message" },
-    Setting { name: "PROXY_MAX_PAYLOAD", default: "2MiB", meaning: "a packet larger than this is stored without proxy.payload.hex" },
-    Setting { name: "PROXY_ROTATE_SIZE", default: "64MiB", meaning: "rotate the current message file once it reaches this size" },
-    Setting { name: "PROXY_ROTATE_INTERVAL", default: "1h", meaning: "rotate the current message file once it is this old" },
-    Setting { name: "PROXY_RETAIN_FILES", default: "168", meaning: "keep at most this many rotated files" },
-    Setting { name: "PROXY_RETAIN_AGE", default: "30d", meaning: "delete rotated files older than this" },
-    Setting { name: "PROXY_WORKERS", default: "number of CPUs", meaning: "worker threads" },
-    Setting { name: "PROXY_IDLE_TIMEOUT", default: "10m", meaning: "close a device connection with no bytes either way for this long (0: never)" },
-    Setting { name: "PROXY_CONNECT_TIMEOUT", default: "10s", meaning: "give up connecting to a target after this long" },
-    Setting { name: "PROXY_MAX_CONNECTIONS", default: "100000", meaning: "device connections held at once; more are closed at accept" },
-    Setting { name: "PROXY_TARGET_BUFFER", default: "4MiB", meaning: "bytes queued for one target (or for the device) at most" },
-    Setting { name: "PROXY_CONTROL_SOCKET", default: "$PROXY_DATA_DIR/control.sock", meaning: "Unix socket for `proxy-channel ctl`; off disables it" },
-    Setting { name: "PROXY_METRICS_FILE", default: "unset", meaning: "write Prometheus text metrics to this file" },
-    Setting { name: "PROXY_METRICS_INTERVAL", default: "15s", meaning: "how often the metrics file is rewritten" },
-    Setting { name: "PROXY_ACCEPT_PROXY_PROTOCOL", default: "off", meaning: "off, v1, v2 or any: device connections start with a PROXY protocol header" },
-    Setting { name: "RUST_LOG", default: "info", meaning: "level of the daemon's own log on stderr" },
+    setting("PROXY_LISTEN", "127.0.0.1:5555", LISTEN_EXPECTED, "comma-separated ip:port addresses to accept device connections on"),
+    setting("PROXY_TARGETn", "", TARGET_EXPECTED, "host:port of target n (1..3); n is its proxy.source number"),
+    setting("PROXY_TARGETn_MANDATORY", "true", BOOL_EXPECTED, "a failure of target n drops the device connection"),
+    setting("PROXY_TARGETn_REPLIES", "true", BOOL_EXPECTED, "relay target n's replies to the device"),
+    setting("PROXY_TARGETn_SEND_PROXY", "off", SEND_PROXY_EXPECTED, "off, v1 or v2: send target n a PROXY protocol header first"),
+    setting("PROXY_TARGETn_DEVICES", "", PATH_EXPECTED, "file of device idents: target n gets only these devices' connections"),
+    setting("PROXY_TARGETn_CATCH_UP", "false", BOOL_EXPECTED, "deliver to target n later, from the message files, what it missed while down"),
+    setting("PROXY_STORE", "true", BOOL_EXPECTED, "store mode: record device traffic (and relayed replies) as event 0 messages"),
+    setting("PROXY_DATA_DIR", "./data", PATH_EXPECTED, "folder of the message log files"),
+    setting("PROXY_CHANNEL_ID", "1", NUMBER_EXPECTED, "channel.id of every message"),
+    setting("PROXY_PROTOCOL_ID", "0", NUMBER_EXPECTED, "protocol.id of every message"),
+    setting("PROXY_MAX_PAYLOAD", "2MiB", SIZE_EXPECTED, "a packet larger than this is stored without proxy.payload.hex"),
+    setting("PROXY_ROTATE_SIZE", "64MiB", POSITIVE_SIZE, "rotate the current message file once it reaches this size"),
+    setting("PROXY_ROTATE_INTERVAL", "1h", LIMIT_DURATION, "rotate the current message file once it is this old (0: never)"),
+    setting("PROXY_RETAIN_FILES", "168", LIMIT_EXPECTED, "keep at most this many rotated files (0: no limit)"),
+    setting("PROXY_RETAIN_AGE", "30d", LIMIT_DURATION, "delete rotated files older than this (0: no limit)"),
+    Setting { shown: Some("number of CPUs"), ..setting("PROXY_WORKERS", "", WORKERS_EXPECTED, "worker threads") },
+    setting("PROXY_IDLE_TIMEOUT", "10m", LIMIT_DURATION, "close a device connection with no bytes either way for this long (0: never)"),
+    setting("PROXY_CONNECT_TIMEOUT", "10s", POSITIVE_DURATION, "give up connecting to a target after this long"),
+    setting("PROXY_MAX_CONNECTIONS", "100000", POSITIVE_NUMBER, "device connections (and UDP sessions) held at once; more are closed at accept"),
+    setting("PROXY_MAX_CONNECTIONS_PER_IP", "0", LIMIT_EXPECTED, "device connections held at once from one address (0: no limit)"),
+    setting("PROXY_ALLOW", "", ALLOW_EXPECTED, "addresses or CIDR blocks that may connect (unset: everyone); others are closed at accept"),
+    setting("PROXY_TARGET_BUFFER", "4MiB", BUFFER_EXPECTED, "bytes queued for one target (or for the device) at most"),
+    Setting { shown: Some("$PROXY_DATA_DIR/control.sock"), ..setting("PROXY_CONTROL_SOCKET", "", CONTROL_EXPECTED, "Unix socket for `proxy-channel ctl`; off disables it") },
+    setting("PROXY_METRICS_FILE", "", PATH_EXPECTED, "write Prometheus text metrics to this file"),
+    setting("PROXY_METRICS_INTERVAL", "15s", POSITIVE_DURATION, "how often the metrics file is rewritten"),
+    setting("PROXY_ACCEPT_PROXY_PROTOCOL", "off", ACCEPT_PROXY_EXPECTED, "off, v1, v2 or any: device connections start with a PROXY protocol header"),
+    setting("PROXY_DEVICE_IDENT", "auto", DEVICE_IDENT_EXPECTED, "how a device is recognised from its first bytes: auto, off, or detector names"),
+    setting("PROXY_DEVICE_IDENT_REGEX", "", REGEX_EXPECTED, "a regular expression with one capture group tried first on a device's first bytes"),
+    setting("PROXY_DEVICE_UNIQUE", "false", BOOL_EXPECTED, "a new connection of a device closes that device's older open connections"),
+    setting("PROXY_LISTEN_UDP", "", LISTEN_UDP_EXPECTED, "comma-separated ip:port addresses to accept device datagrams on"),
+    Setting { shown: Some("info"), ..setting("RUST_LOG", "info", "", "level of the daemon's own log on stderr") },
 ];
+
+/// The table's row for `name`; a target's `PROXY_TARGET2_...` is found as
+/// `PROXY_TARGETn_...`.
+fn lookup(name: &str) -> &'static Setting {
+    let generic: String = match name.strip_prefix("PROXY_TARGET") {
+        Some(rest) if rest.starts_with(|c: char| c.is_ascii_digit()) => {
+            format!("PROXY_TARGETn{}", &rest[1..])
+        }
+        _ => name.to_string(),
+    };
+    SETTINGS
+        .iter()
+        .find(|s| s.name == generic)
+        .unwrap_or_else(|| panic!("{name} is not in SETTINGS"))
+}
 
 /// A setting that cannot be used, worded for the person who wrote it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -125,12 +206,31 @@ pub struct TargetConfig {
     pub mandatory: bool,
     pub replies: bool,
     pub send_proxy: SendProxyProtocol,
+    /// PROXY_TARGETn_DEVICES: only these devices' connections reach it.
+    pub devices: Option<PathBuf>,
+    /// PROXY_TARGETn_CATCH_UP: what it missed is delivered later.
+    pub catch_up: bool,
 }
+
+/// PROXY_DEVICE_IDENT: which detectors recognise a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceIdent {
+    /// No detection at all.
+    Off,
+    /// Every built-in detector.
+    Auto,
+    /// These built-in detectors, by name, in the order given.
+    Only(Vec<String>),
+}
+
+/// The names of the built-in device detectors.
+pub const DETECTORS: &[&str] = &["teltonika", "gt06", "h02", "queclink", "coban", "meitrack"];
 
 /// Everything the daemon needs to know, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub listen: Vec<SocketAddr>,
+    pub listen_udp: Vec<SocketAddr>,
     pub targets: Vec<TargetConfig>,
     pub store: bool,
     pub data_dir: PathBuf,
@@ -138,36 +238,37 @@ pub struct Config {
     pub protocol_id: u64,
     pub max_payload: u64,
     pub rotate_size: u64,
-    pub rotate_interval: Duration,
-    pub retain_files: usize,
-    pub retain_age: Duration,
+    /// `None`: never rotate by age.
+    pub rotate_interval: Option<Duration>,
+    /// `None`: no limit on the number of rotated files.
+    pub retain_files: Option<usize>,
+    /// `None`: rotated files are never deleted for their age.
+    pub retain_age: Option<Duration>,
     pub workers: usize,
     /// `None`: connections never time out for idleness.
     pub idle_timeout: Option<Duration>,
     pub connect_timeout: Duration,
     pub max_connections: usize,
+    /// `None`: no limit per address.
+    pub max_connections_per_ip: Option<usize>,
+    /// `None`: everyone may connect.
+    pub allow: Option<AllowList>,
     pub target_buffer: usize,
     /// `None`: no control socket.
     pub control_socket: Option<PathBuf>,
     pub metrics_file: Option<PathBuf>,
     pub metrics_interval: Duration,
     pub accept_proxy_protocol: AcceptProxyProtocol,
+    pub device_ident: DeviceIdent,
+    /// PROXY_DEVICE_IDENT_REGEX, as written (compiled by the detectors).
+    pub device_ident_regex: Option<String>,
+    pub device_unique: bool,
 }
 
 impl Config {
     /// Reads the real environment.
     pub fn from_env() -> Result<Config, ConfigError> {
-        let mut vars = Vec::new();
-        for (name, value) in std::env::vars_os() {
-            let Some(name) = name.to_str().filter(|n| n.starts_with("PROXY_")) else {
-                continue;
-            };
-            match value.into_string() {
-                Ok(value) => vars.push((name.to_string(), value)),
-                Err(raw) => return Err(invalid(name, &raw.to_string_lossy(), "UTF-8 text")),
-            }
-        }
-        Config::from_vars(vars)
+        Config::from_vars(proxy_vars_from_env()?)
     }
 
     /// Parses `PROXY_*` variables; any other names are ignored.
@@ -180,90 +281,38 @@ impl Config {
                 .filter(|(name, _)| name.starts_with("PROXY_"))
                 .collect(),
         );
-        let data_dir = vars.parse("PROXY_DATA_DIR", "./data", non_empty_path, PATH_EXPECTED)?;
+        let data_dir = vars.take("PROXY_DATA_DIR", non_empty_path)?;
         let config = Config {
-            listen: vars.parse(
-                "PROXY_LISTEN",
-                "127.0.0.1:5555",
-                parse_listen,
-                LISTEN_EXPECTED,
-            )?,
+            listen: vars.take("PROXY_LISTEN", parse_listen)?,
+            listen_udp: vars.take("PROXY_LISTEN_UDP", parse_optional_listen)?,
             targets: parse_targets(&mut vars)?,
-            store: vars.parse("PROXY_STORE", "true", parse_bool, BOOL_EXPECTED)?,
-            channel_id: vars.parse("PROXY_CHANNEL_ID", "1", parse_u64, NUMBER_EXPECTED)?,
-            protocol_id: vars.parse("PROXY_PROTOCOL_ID", "0", parse_u64, NUMBER_EXPECTED)?,
-            max_payload: vars.parse("PROXY_MAX_PAYLOAD", "2MiB", parse_size, SIZE_EXPECTED)?,
-            rotate_size: vars.parse("PROXY_ROTATE_SIZE", "64MiB", positive_size, POSITIVE_SIZE)?,
-            rotate_interval: vars.parse(
-                "PROXY_ROTATE_INTERVAL",
-                "1h",
-                positive_duration,
-                POSITIVE_DURATION,
-            )?,
-            retain_files: vars.parse("PROXY_RETAIN_FILES", "168", parse_usize, NUMBER_EXPECTED)?,
-            retain_age: vars.parse(
-                "PROXY_RETAIN_AGE",
-                "30d",
-                positive_duration,
-                POSITIVE_DURATION,
-            )?,
-            workers: vars.parse(
-                "PROXY_WORKERS",
-                &default_workers(),
-                parse_workers,
-                WORKERS_EXPECTED,
-            )?,
-            idle_timeout: vars.parse(
-                "PROXY_IDLE_TIMEOUT",
-                "10m",
-                optional_duration,
-                DURATION_EXPECTED,
-            )?,
-            connect_timeout: vars.parse(
-                "PROXY_CONNECT_TIMEOUT",
-                "10s",
-                positive_duration,
-                POSITIVE_DURATION,
-            )?,
-            max_connections: vars.parse(
-                "PROXY_MAX_CONNECTIONS",
-                "100000",
-                positive_usize,
-                POSITIVE_NUMBER,
-            )?,
-            target_buffer: vars.parse(
-                "PROXY_TARGET_BUFFER",
-                "4MiB",
-                buffer_size,
-                BUFFER_EXPECTED,
-            )?,
-            control_socket: vars.parse(
-                "PROXY_CONTROL_SOCKET",
-                "",
-                |v| optional_path(v, &data_dir),
-                PATH_EXPECTED,
-            )?,
-            metrics_file: vars.parse(
-                "PROXY_METRICS_FILE",
-                "",
-                |v| Some(non_empty_path(v)),
-                PATH_EXPECTED,
-            )?,
-            metrics_interval: vars.parse(
-                "PROXY_METRICS_INTERVAL",
-                "15s",
-                positive_duration,
-                POSITIVE_DURATION,
-            )?,
-            accept_proxy_protocol: vars.parse(
-                "PROXY_ACCEPT_PROXY_PROTOCOL",
-                "off",
-                parse_accept_proxy,
-                ACCEPT_PROXY_EXPECTED,
-            )?,
+            store: vars.take("PROXY_STORE", parse_bool)?,
+            channel_id: vars.take("PROXY_CHANNEL_ID", parse_u64)?,
+            protocol_id: vars.take("PROXY_PROTOCOL_ID", parse_u64)?,
+            max_payload: vars.take("PROXY_MAX_PAYLOAD", parse_size)?,
+            rotate_size: vars.take("PROXY_ROTATE_SIZE", positive_size)?,
+            rotate_interval: vars.take("PROXY_ROTATE_INTERVAL", optional_duration)?,
+            retain_files: vars.take("PROXY_RETAIN_FILES", optional_limit)?,
+            retain_age: vars.take("PROXY_RETAIN_AGE", optional_duration)?,
+            workers: vars.take_or("PROXY_WORKERS", &default_workers(), parse_workers)?,
+            idle_timeout: vars.take("PROXY_IDLE_TIMEOUT", optional_duration)?,
+            connect_timeout: vars.take("PROXY_CONNECT_TIMEOUT", positive_duration)?,
+            max_connections: vars.take("PROXY_MAX_CONNECTIONS", positive_usize)?,
+            max_connections_per_ip: vars.take("PROXY_MAX_CONNECTIONS_PER_IP", optional_limit)?,
+            allow: vars.take("PROXY_ALLOW", parse_allow)?,
+            target_buffer: vars.take("PROXY_TARGET_BUFFER", buffer_size)?,
+            control_socket: vars.take("PROXY_CONTROL_SOCKET", |v| optional_path(v, &data_dir))?,
+            metrics_file: vars.take("PROXY_METRICS_FILE", |v| Some(non_empty_path(v)))?,
+            metrics_interval: vars.take("PROXY_METRICS_INTERVAL", positive_duration)?,
+            accept_proxy_protocol: vars.take("PROXY_ACCEPT_PROXY_PROTOCOL", parse_accept_proxy)?,
+            device_ident: vars.take("PROXY_DEVICE_IDENT", parse_device_ident)?,
+            device_ident_regex: vars
+                .take("PROXY_DEVICE_IDENT_REGEX", |v| Some(non_empty_text(v)))?,
+            device_unique: vars.take("PROXY_DEVICE_UNIQUE", parse_bool)?,
             data_dir,
         };
         vars.refuse_leftovers()?;
+        config.check_combinations()?;
         Ok(config)
     }
 
@@ -271,23 +320,64 @@ impl Config {
     pub fn target(&self, number: u8) -> Option<&TargetConfig> {
         self.targets.iter().find(|t| t.number == number)
     }
+
+    /// Rules between variables: a device list needs detection, catch-up
+    /// needs the message files and a target that may fail alone.
+    fn check_combinations(&self) -> Result<(), ConfigError> {
+        for target in &self.targets {
+            let n = target.number;
+            if let Some(path) = &target.devices {
+                if self.device_ident == DeviceIdent::Off {
+                    return Err(invalid(
+                        &format!("PROXY_TARGET{n}_DEVICES"),
+                        &path.display().to_string(),
+                        "no device list while PROXY_DEVICE_IDENT=off (devices are never recognised)",
+                    ));
+                }
+            }
+            if target.catch_up && (!self.store || target.mandatory) {
+                return Err(invalid(
+                    &format!("PROXY_TARGET{n}_CATCH_UP"),
+                    "true",
+                    &format!(
+                        "false unless PROXY_STORE is on and PROXY_TARGET{n}_MANDATORY=false (catch-up reads the message files, for a target that may fail alone)"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
-const LISTEN_EXPECTED: &str = "comma-separated ip:port addresses, such as 0.0.0.0:5555,[::]:5555";
-const BOOL_EXPECTED: &str = "true/false, 1/0, yes/no or on/off";
-const NUMBER_EXPECTED: &str = "a whole number";
-const POSITIVE_NUMBER: &str = "a whole number above 0";
-const SIZE_EXPECTED: &str = "a size such as 4096, 64KiB, 2MiB or 1GB";
-const POSITIVE_SIZE: &str = "a size above 0, such as 64KiB, 2MiB or 1GB";
-const BUFFER_EXPECTED: &str = "a size from 1KiB to 1GiB, such as 64KiB or 4MiB";
-const DURATION_EXPECTED: &str = "a duration such as 500ms, 30s, 10m, 1h or 7d";
-const POSITIVE_DURATION: &str = "a duration above 0, such as 500ms, 30s, 10m, 1h or 7d";
-const WORKERS_EXPECTED: &str = "a whole number from 1 to 1024";
-const PATH_EXPECTED: &str = "a file path";
-const TARGET_EXPECTED: &str =
-    "host:port with a port from 1 to 65535, such as 10.0.0.7:5000 or gps.example.com:21000";
-const ACCEPT_PROXY_EXPECTED: &str = "off, v1, v2 or any";
-const SEND_PROXY_EXPECTED: &str = "off, v1 or v2";
+/// The `PROXY_*` variables of the real environment, as text.
+fn proxy_vars_from_env() -> Result<Vec<(String, String)>, ConfigError> {
+    let mut vars = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        let Some(name) = name.to_str().filter(|n| n.starts_with("PROXY_")) else {
+            continue;
+        };
+        match value.into_string() {
+            Ok(value) => vars.push((name.to_string(), value)),
+            Err(raw) => return Err(invalid(name, &raw.to_string_lossy(), "UTF-8 text")),
+        }
+    }
+    Ok(vars)
+}
+
+/// The data folder the daemon would use, by the daemon's own rule, for the
+/// tools (`view`, `replay`) run beside it. A bad value falls back to the
+/// default: the tools then say what they cannot read.
+pub fn data_dir_from_env() -> PathBuf {
+    let value = std::env::var("PROXY_DATA_DIR").unwrap_or_default();
+    non_empty_path(&value).unwrap_or_else(|| PathBuf::from(lookup("PROXY_DATA_DIR").default))
+}
+
+/// The control socket the daemon would use, by the daemon's own rule;
+/// `None` when it is `off`.
+pub fn control_socket_from_env() -> Option<PathBuf> {
+    let value = std::env::var("PROXY_CONTROL_SOCKET").unwrap_or_default();
+    optional_path(&value, &data_dir_from_env()).flatten()
+}
 
 /// The `PROXY_*` variables not yet consumed by a setting.
 struct Vars(BTreeMap<String, String>);
@@ -297,17 +387,22 @@ impl Vars {
         self.0.get(name).cloned()
     }
 
-    /// Takes `name` (or its default) and parses it; `None` from `parse`
-    /// becomes an error naming the variable, its value and `expected`.
-    fn parse<T>(
+    /// Takes `name` (or its default from [`SETTINGS`]) and parses it; `None`
+    /// from `parse` becomes an error naming the variable, its value and what
+    /// the table says is expected.
+    fn take<T>(&mut self, name: &str, parse: impl Fn(&str) -> Option<T>) -> Result<T, ConfigError> {
+        self.take_or(name, lookup(name).default, parse)
+    }
+
+    /// [`Vars::take`] with a default computed at run time.
+    fn take_or<T>(
         &mut self,
         name: &str,
         default: &str,
         parse: impl Fn(&str) -> Option<T>,
-        expected: &str,
     ) -> Result<T, ConfigError> {
         let value = self.0.remove(name).unwrap_or_else(|| default.to_string());
-        parse(&value).ok_or_else(|| invalid(name, &value, expected))
+        parse(&value).ok_or_else(|| invalid(name, &value, lookup(name).expected))
     }
 
     fn refuse_leftovers(self) -> Result<(), ConfigError> {
@@ -326,16 +421,23 @@ fn invalid(name: &str, value: &str, expected: &str) -> ConfigError {
     }
 }
 
+/// The options every target may have, after `PROXY_TARGETn_`.
+const TARGET_OPTIONS: [&str; 5] = ["MANDATORY", "REPLIES", "SEND_PROXY", "DEVICES", "CATCH_UP"];
+
 fn parse_targets(vars: &mut Vars) -> Result<Vec<TargetConfig>, ConfigError> {
     let mut targets = Vec::new();
     for number in 1..=MAX_TARGETS as u8 {
         let name = format!("PROXY_TARGET{number}");
-        let options = ["MANDATORY", "REPLIES", "SEND_PROXY"].map(|o| format!("{name}_{o}"));
+        let option = |o: &str| format!("{name}_{o}");
         if vars.text(&name).is_none() {
-            if let Some(option) = options.iter().find(|o| vars.0.contains_key(*o)) {
+            let given = TARGET_OPTIONS
+                .iter()
+                .map(|o| option(o))
+                .find(|o| vars.0.contains_key(o));
+            if let Some(given) = given {
                 return Err(ConfigError::TargetMissing {
-                    name: option.clone(),
-                    value: vars.text(option).unwrap_or_default(),
+                    value: vars.text(&given).unwrap_or_default(),
+                    name: given,
                     target: name,
                 });
             }
@@ -343,10 +445,12 @@ fn parse_targets(vars: &mut Vars) -> Result<Vec<TargetConfig>, ConfigError> {
         }
         targets.push(TargetConfig {
             number,
-            address: vars.parse(&name, "", parse_target_address, TARGET_EXPECTED)?,
-            mandatory: vars.parse(&options[0], "true", parse_bool, BOOL_EXPECTED)?,
-            replies: vars.parse(&options[1], "true", parse_bool, BOOL_EXPECTED)?,
-            send_proxy: vars.parse(&options[2], "off", parse_send_proxy, SEND_PROXY_EXPECTED)?,
+            address: vars.take(&name, parse_target_address)?,
+            mandatory: vars.take(&option("MANDATORY"), parse_bool)?,
+            replies: vars.take(&option("REPLIES"), parse_bool)?,
+            send_proxy: vars.take(&option("SEND_PROXY"), parse_send_proxy)?,
+            devices: vars.take(&option("DEVICES"), |v| Some(non_empty_path(v)))?,
+            catch_up: vars.take(&option("CATCH_UP"), parse_bool)?,
         });
     }
     Ok(targets)
@@ -443,6 +547,41 @@ fn non_empty_path(text: &str) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
+fn parse_optional_listen(text: &str) -> Option<Vec<SocketAddr>> {
+    if text.trim().is_empty() {
+        return Some(Vec::new());
+    }
+    parse_listen(text)
+}
+
+/// A limit where 0 means "no limit".
+fn optional_limit(text: &str) -> Option<Option<usize>> {
+    parse_usize(text).map(|n| Some(n).filter(|n| *n > 0))
+}
+
+fn parse_allow(text: &str) -> Option<Option<AllowList>> {
+    if text.trim().is_empty() {
+        return Some(None);
+    }
+    AllowList::parse(text).map(Some)
+}
+
+fn parse_device_ident(text: &str) -> Option<DeviceIdent> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "auto" => Some(DeviceIdent::Auto),
+        "off" => Some(DeviceIdent::Off),
+        list => {
+            let names: Vec<String> = list.split(',').map(|n| n.trim().to_string()).collect();
+            let known = names.iter().all(|n| DETECTORS.contains(&n.as_str()));
+            known.then_some(DeviceIdent::Only(names))
+        }
+    }
+}
+
+fn non_empty_text(text: &str) -> Option<String> {
+    Some(text).filter(|t| !t.is_empty()).map(str::to_string)
+}
+
 fn parse_accept_proxy(text: &str) -> Option<AcceptProxyProtocol> {
     match text.trim().to_ascii_lowercase().as_str() {
         "off" => Some(AcceptProxyProtocol::Off),
@@ -483,9 +622,15 @@ mod tests {
         assert_eq!(config.data_dir, PathBuf::from("./data"));
         assert_eq!(config.max_payload, 2 << 20);
         assert_eq!(config.rotate_size, 64 << 20);
-        assert_eq!(config.rotate_interval, Duration::from_secs(3600));
-        assert_eq!(config.retain_files, 168);
-        assert_eq!(config.retain_age, Duration::from_secs(30 * 86_400));
+        assert_eq!(config.rotate_interval, Some(Duration::from_secs(3600)));
+        assert_eq!(config.retain_files, Some(168));
+        assert_eq!(config.retain_age, Some(Duration::from_secs(30 * 86_400)));
+        assert_eq!(config.max_connections_per_ip, None);
+        assert_eq!(config.allow, None);
+        assert_eq!(config.device_ident, DeviceIdent::Auto);
+        assert_eq!(config.device_ident_regex, None);
+        assert!(!config.device_unique);
+        assert!(config.listen_udp.is_empty());
         assert_eq!(config.idle_timeout, Some(Duration::from_secs(600)));
         assert_eq!(config.connect_timeout, Duration::from_secs(10));
         assert_eq!(config.max_connections, 100_000);
@@ -593,5 +738,122 @@ mod tests {
         assert_eq!(config.idle_timeout, None);
         assert_eq!(config.control_socket, None);
         assert_eq!(config.listen.len(), 2);
+    }
+
+    #[test]
+    fn zero_turns_limits_off_where_the_spec_says_so() {
+        let config = parse(&[
+            ("PROXY_ROTATE_INTERVAL", "0"),
+            ("PROXY_RETAIN_FILES", "0"),
+            ("PROXY_RETAIN_AGE", "0"),
+            ("PROXY_MAX_CONNECTIONS_PER_IP", "0"),
+        ])
+        .expect("zeros parse");
+        assert_eq!(config.rotate_interval, None);
+        assert_eq!(config.retain_files, None);
+        assert_eq!(config.retain_age, None);
+        assert_eq!(config.max_connections_per_ip, None);
+        for name in [
+            "PROXY_TARGET_BUFFER",
+            "PROXY_MAX_CONNECTIONS",
+            "PROXY_ROTATE_SIZE",
+        ] {
+            assert!(error_line(&[(name, "0")]).starts_with(&format!("{name}=\"0\"")));
+        }
+    }
+
+    #[test]
+    fn new_variables_parse() {
+        let config = parse(&[
+            ("PROXY_TARGET1", "127.0.0.1:7001"),
+            ("PROXY_TARGET1_MANDATORY", "false"),
+            ("PROXY_TARGET1_CATCH_UP", "yes"),
+            ("PROXY_TARGET1_DEVICES", "/etc/proxy-channel/wave1.txt"),
+            ("PROXY_ALLOW", "10.0.0.0/8,::1"),
+            ("PROXY_MAX_CONNECTIONS_PER_IP", "20"),
+            ("PROXY_DEVICE_IDENT", "teltonika, gt06"),
+            ("PROXY_DEVICE_IDENT_REGEX", "^ID=(\\d+)"),
+            ("PROXY_DEVICE_UNIQUE", "on"),
+            ("PROXY_LISTEN_UDP", "127.0.0.1:0"),
+        ])
+        .expect("new variables parse");
+        let target = config.target(1).expect("target 1");
+        assert!(target.catch_up);
+        assert_eq!(
+            target.devices,
+            Some(PathBuf::from("/etc/proxy-channel/wave1.txt"))
+        );
+        assert!(config.allow.is_some());
+        assert_eq!(config.max_connections_per_ip, Some(20));
+        assert_eq!(
+            config.device_ident,
+            DeviceIdent::Only(vec!["teltonika".into(), "gt06".into()])
+        );
+        assert!(config.device_unique);
+        assert_eq!(config.listen_udp.len(), 1);
+    }
+
+    #[test]
+    fn combinations_that_cannot_work_are_refused_naming_the_variable() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[
+                    ("PROXY_TARGET1", "127.0.0.1:7001"),
+                    ("PROXY_TARGET1_CATCH_UP", "true"),
+                ],
+                "PROXY_TARGET1_CATCH_UP=\"true\": expected false unless",
+            ),
+            (
+                &[
+                    ("PROXY_TARGET2", "127.0.0.1:7001"),
+                    ("PROXY_TARGET2_MANDATORY", "false"),
+                    ("PROXY_TARGET2_CATCH_UP", "true"),
+                    ("PROXY_STORE", "false"),
+                ],
+                "PROXY_TARGET2_CATCH_UP=\"true\"",
+            ),
+            (
+                &[
+                    ("PROXY_TARGET1", "127.0.0.1:7001"),
+                    ("PROXY_TARGET1_DEVICES", "/tmp/list"),
+                    ("PROXY_DEVICE_IDENT", "off"),
+                ],
+                "PROXY_TARGET1_DEVICES=\"/tmp/list\": expected no device list while PROXY_DEVICE_IDENT=off",
+            ),
+            (
+                &[("PROXY_TARGET3_DEVICES", "/tmp/list")],
+                "PROXY_TARGET3 is not set",
+            ),
+            (
+                &[("PROXY_DEVICE_IDENT", "teltonika,tk103")],
+                "PROXY_DEVICE_IDENT=\"teltonika,tk103\": expected auto, off",
+            ),
+            (
+                &[("PROXY_ALLOW", "10.0.0.1/8")],
+                "PROXY_ALLOW=\"10.0.0.1/8\": expected comma-separated",
+            ),
+            (
+                &[("PROXY_LISTEN_UDP", "udp")],
+                "PROXY_LISTEN_UDP=\"udp\": expected",
+            ),
+        ];
+        for (pairs, start) in cases {
+            let line = error_line(pairs);
+            assert!(line.contains(start), "{line}");
+        }
+    }
+
+    #[test]
+    fn every_setting_in_the_table_is_read() {
+        // Setting each documented variable to its own default must parse:
+        // a row the parser does not take would be refused as unknown.
+        let mut pairs = vec![("PROXY_TARGET1".to_string(), "127.0.0.1:9".to_string())];
+        for setting in SETTINGS.iter().filter(|s| s.name.starts_with("PROXY_")) {
+            let name = setting.name.replace("TARGETn", "TARGET1");
+            if name != "PROXY_TARGET1" && !setting.default.is_empty() {
+                pairs.push((name, setting.default.to_string()));
+            }
+        }
+        Config::from_vars(pairs).expect("every default parses");
     }
 }

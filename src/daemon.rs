@@ -12,7 +12,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use log::{error, info, warn};
@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::control::server::{self as control_server, Control, ControlSetup};
 use crate::control::stats::{Counters, Registry};
 use crate::net::acceptor::{Acceptor, AcceptorSetup};
+use crate::net::admission::Admission;
 use crate::net::connection::{Settings, TargetAddresses};
 use crate::net::limits;
 use crate::net::resolver;
@@ -102,7 +103,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     };
     let settings = Arc::new(Settings::new(&config));
     let addresses = initial_addresses(&config);
-    let open_connections = Arc::new(AtomicUsize::new(0));
+    let admission = Admission::new(&config);
 
     let mut handles = Vec::new();
     let mut worker_threads = Vec::new();
@@ -119,7 +120,6 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
                 Arc::clone(&counters),
             ),
             addresses: addresses.clone(),
-            open_connections: Arc::clone(&open_connections),
             counters,
         })?;
         handles.push(handle);
@@ -146,8 +146,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
             journal_settings,
             Arc::clone(&registry.acceptor),
         ),
-        open_connections,
-        max_connections: config.max_connections,
+        admission,
         counters: Arc::clone(&registry.acceptor),
     })?;
     info!(

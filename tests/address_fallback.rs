@@ -10,11 +10,11 @@ mod util;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
 use proxy_channel::config::Config;
 use proxy_channel::control::stats::Counters;
+use proxy_channel::net::admission::Admission;
 use proxy_channel::net::connection::Settings;
 use proxy_channel::net::worker::{Command, Worker, WorkerSetup};
 use proxy_channel::store::journal::{BufferPool, Journal, JournalSettings, StoreCommand};
@@ -72,7 +72,6 @@ fn a_refused_address_gives_way_to_the_next_with_nothing_lost() {
             Arc::clone(&counters),
         ),
         addresses: [vec![refused, good], Vec::new(), Vec::new()],
-        open_connections: Arc::new(AtomicUsize::new(1)),
         counters,
     })
     .unwrap();
@@ -86,7 +85,14 @@ fn a_refused_address_gives_way_to_the_next_with_nothing_lost() {
         peer,
     };
     let stream = mio::net::TcpStream::from_std(accepted);
-    assert!(worker.send(Command::Adopt { stream, origin }));
+    let permit = Admission::new(&config)
+        .admit(peer.ip())
+        .expect("a place for the device");
+    assert!(worker.send(Command::Adopt {
+        stream,
+        origin,
+        permit
+    }));
     device
         .write_all(b"bytes sent before any target answered")
         .unwrap();

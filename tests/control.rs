@@ -266,6 +266,7 @@ fn fifty_devices_through_two_targets_are_listed_closed_and_counted_exactly() {
         "connections_open": DEVICES - 1,
         "connections_total": DEVICES,
         "connections_refused": 0,
+        "refusals": [0, 0, 0],
         "bytes_received": [sent, replied(1), replied(2), 0],
         "bytes_sent": [received, sent, sent, 0],
         "packets": [packets(0), packets(1), packets(2), 0],
@@ -283,11 +284,12 @@ fn fifty_devices_through_two_targets_are_listed_closed_and_counted_exactly() {
     daemon.assert_no_errors();
 }
 
-/// Defect 10: a device refused at PROXY_MAX_CONNECTIONS was written with
-/// reason `too many connections` but never counted as that drop: ctl stats
-/// and the metrics file said too_many_connections 0.
+/// A device refused at PROXY_MAX_CONNECTIONS is counted by its cause in
+/// ctl stats and the metrics file, and, since the SPEC's Security section,
+/// costs no message at all (first counted as a too_many_connections drop
+/// with two messages: defect 10 of issue 6, then issue 13 item 11).
 #[test]
-fn a_device_refused_at_max_connections_is_counted_as_a_too_many_connections_drop() {
+fn a_device_refused_at_max_connections_is_counted_by_cause_and_writes_nothing() {
     let metrics_dir = tempfile::tempdir().unwrap();
     let metrics = metrics_dir.path().join("proxy_channel.prom");
     let daemon = Daemon::start_with_control(&[
@@ -304,30 +306,29 @@ fn a_device_refused_at_max_connections_is_counted_as_a_too_many_connections_drop
         End::StillOpen,
         "the second device must be closed at once"
     );
-    let ident = log.wait_ident(refused.name(), secs(5));
-    assert_eq!(log.wait_reason(&ident, 0, secs(5)), "too many connections");
 
     let stats = ctl_json(&daemon.control_socket(), &["stats"]);
-    let too_many = DROP_LABELS
-        .iter()
-        .position(|l| *l == "too_many_connections")
-        .unwrap();
-    let mut drops = [[0u64; DROP_LABELS.len()]; 4];
-    drops[0][too_many] = 1;
+    assert_eq!(stats["stats"]["connections_refused"], 1, "{stats}");
+    assert_eq!(
+        stats["stats"]["refusals"],
+        serde_json::json!([0, 1, 0]),
+        "{stats}"
+    );
+    let drops = [[0u64; DROP_LABELS.len()]; 4];
     assert_eq!(
         stats["stats"]["drops"],
         serde_json::json!(drops),
-        "ctl stats --json: the drops, with one device dropped as too_many_connections"
+        "a refusal is no drop of a connection: nothing was opened"
     );
-    assert_eq!(stats["stats"]["connections_refused"], 1, "{stats}");
     let table = daemon.ctl(&["stats"]);
-    let line = "device    dropped: too_many_connections 1";
+    let line = "refused by cause       not_allowed 0, too_many_connections 1, too_many_per_ip 0";
     assert!(
         table.stdout.lines().any(|l| l == line),
         "expected the line {line:?} in ctl stats:\n{}",
         table.stdout
     );
-    let sample = "proxy_channel_device_drops_total{reason=\"too_many_connections\"} 1\n";
+    let sample =
+        "proxy_channel_connections_refused_by_cause_total{cause=\"too_many_connections\"} 1\n";
     let counted = poll_until(secs(5), || {
         fs::read_to_string(&metrics).is_ok_and(|text| text.contains(sample))
     });
@@ -337,6 +338,16 @@ fn a_device_refused_at_max_connections_is_counted_as_a_too_many_connections_drop
         fs::read_to_string(&metrics).unwrap_or_default()
     );
     drop(held);
+    // The held device's event 2 is written after the refusal happened.
+    log.wait_for(secs(5), "the held device's event 2", |log| {
+        log.lines().iter().any(|m| event(m) == 2)
+    });
+    assert_eq!(
+        log.ident_of_peer(refused.name()),
+        None,
+        "a refused device must cost no message:\n{}",
+        log.summary()
+    );
     daemon.assert_no_errors();
 }
 
@@ -444,6 +455,15 @@ fn assert_metrics_agree(path: &Path, s: &Value) {
         "connections_refused_total{}".into(),
         n(&s["connections_refused"]),
     );
+    for (index, cause) in ["not_allowed", "too_many_connections", "too_many_per_ip"]
+        .iter()
+        .enumerate()
+    {
+        put(
+            format!("connections_refused_by_cause_total{{cause={cause}}}"),
+            n(&s["refusals"][index]),
+        );
+    }
     put(
         "device_bytes_received_total{}".into(),
         n(&s["bytes_received"][0]),

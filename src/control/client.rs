@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::control::stats::{DropKind, Snapshot};
+use crate::control::stats::{DropKind, Refusal, Snapshot};
 use crate::net::connection::ConnectionReport;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +124,12 @@ fn print_stats(value: &Value, out: &mut dyn Write) -> Result<(), CtlError> {
     writeln!(out, "connections open       {}", s.connections_open)?;
     writeln!(out, "connections total      {}", s.connections_total)?;
     writeln!(out, "connections refused    {}", s.connections_refused)?;
+    let causes: Vec<String> = Refusal::ALL
+        .iter()
+        .zip(s.refusals)
+        .map(|(cause, n)| format!("{} {n}", cause.label()))
+        .collect();
+    writeln!(out, "refused by cause       {}", causes.join(", "))?;
     let targets: Vec<usize> = serde_json::from_value(value["targets"].clone()).unwrap_or_default();
     for side in std::iter::once(0).chain(targets) {
         let name = match side {

@@ -9,7 +9,7 @@ use std::fs;
 use std::io::{self, Write as _};
 use std::path::Path;
 
-use crate::control::stats::{DropKind, Snapshot};
+use crate::control::stats::{DropKind, Refusal, Snapshot};
 
 /// Reads one per-target counter out of a snapshot.
 type PerTarget = fn(&Snapshot, usize) -> u64;
@@ -37,7 +37,7 @@ pub fn render(snapshot: &Snapshot, targets: &[u8]) -> String {
         &mut text,
         "connections_refused_total",
         "counter",
-        "Device connections closed at accept because PROXY_MAX_CONNECTIONS were open.",
+        "Device connections closed at accept, with no message written (all causes).",
     );
     sample(
         &mut text,
@@ -45,6 +45,22 @@ pub fn render(snapshot: &Snapshot, targets: &[u8]) -> String {
         "",
         s.connections_refused,
     );
+    family(
+        &mut text,
+        "connections_refused_by_cause_total",
+        "counter",
+        "Device connections closed at accept, by cause: not in PROXY_ALLOW, \
+         PROXY_MAX_CONNECTIONS or PROXY_MAX_CONNECTIONS_PER_IP reached.",
+    );
+    for (cause, count) in Refusal::ALL.iter().zip(s.refusals) {
+        let labels = format!("cause=\"{}\"", cause.label());
+        sample(
+            &mut text,
+            "connections_refused_by_cause_total",
+            &labels,
+            count,
+        );
+    }
 
     family(
         &mut text,

@@ -90,6 +90,51 @@ impl DropKind {
 
 const KINDS: usize = DropKind::ALL.len();
 
+/// Why a device was closed at accept, before any message was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not in PROXY_ALLOW.
+    NotAllowed,
+    /// PROXY_MAX_CONNECTIONS were open.
+    TooManyConnections,
+    /// PROXY_MAX_CONNECTIONS_PER_IP were open from its address.
+    TooManyFromAddress,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 3] = [
+        Refusal::NotAllowed,
+        Refusal::TooManyConnections,
+        Refusal::TooManyFromAddress,
+    ];
+
+    /// Its label value in metrics and `ctl stats`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::NotAllowed => "not_allowed",
+            Refusal::TooManyConnections => "too_many_connections",
+            Refusal::TooManyFromAddress => "too_many_per_ip",
+        }
+    }
+
+    /// In the log: why the peer was closed.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Refusal::NotAllowed => "not in PROXY_ALLOW",
+            Refusal::TooManyConnections => "PROXY_MAX_CONNECTIONS connections open",
+            Refusal::TooManyFromAddress => {
+                "PROXY_MAX_CONNECTIONS_PER_IP connections open from its address"
+            }
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+const REFUSALS: usize = Refusal::ALL.len();
+
 /// One thread's counters; only that thread writes them.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -97,8 +142,9 @@ pub struct Counters {
     /// acceptor).
     pub opened: AtomicU64,
     pub closed: AtomicU64,
-    /// Refused at PROXY_MAX_CONNECTIONS (acceptor).
+    /// Refused at accept (acceptor), in all and by cause.
     pub refused: AtomicU64,
+    pub refusals: [AtomicU64; REFUSALS],
     pub bytes_received: [AtomicU64; SIDES],
     pub bytes_sent: [AtomicU64; SIDES],
     /// Reads that returned data, per side.
@@ -121,6 +167,11 @@ pub fn add(counter: &AtomicU64, n: u64) {
 }
 
 impl Counters {
+    pub fn refusal(&self, cause: Refusal) {
+        add(&self.refused, 1);
+        add(&self.refusals[cause.index()], 1);
+    }
+
     pub fn drop_of(&self, side: usize, why: &str) {
         let kind = DropKind::of(why);
         let index = DropKind::ALL
@@ -145,6 +196,9 @@ pub struct Snapshot {
     pub connections_open: u64,
     pub connections_total: u64,
     pub connections_refused: u64,
+    /// Per [`Refusal::ALL`] index.
+    #[serde(default)]
+    pub refusals: [u64; REFUSALS],
     pub bytes_received: [u64; SIDES],
     pub bytes_sent: [u64; SIDES],
     pub packets: [u64; SIDES],
@@ -164,6 +218,7 @@ impl Registry {
         let mut s = Snapshot {
             connections_total: get(&self.acceptor.opened),
             connections_refused: get(&self.acceptor.refused),
+            refusals: self.acceptor.refusals.each_ref().map(get),
             messages_written: get(&self.writer.messages),
             writer_queue_depth: writer_queue_depth as u64,
             write_errors: get(&self.writer.write_errors),

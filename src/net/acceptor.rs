@@ -1,16 +1,18 @@
 //! The acceptor thread: the listening sockets, accepted until `WouldBlock`,
 //! each new device handed to a worker in turn.
 //!
-//! It gives every connection its ident, enforces PROXY_MAX_CONNECTIONS (a
-//! connection over the limit gets its event 1 and event 2 `too many
-//! connections` and is closed at once), and survives running out of file
-//! descriptors: it warns at most every ten seconds and pauses accepting for
-//! a moment instead of spinning on the ready listener.
+//! It gives every connection its ident and enforces the [`Admission`]
+//! limits (PROXY_ALLOW, PROXY_MAX_CONNECTIONS, PROXY_MAX_CONNECTIONS_PER_IP):
+//! a refused peer is closed at once with no message written (a connect flood
+//! must not fill the disk), counted by cause, and logged at most once a
+//! minute. It survives running out of file descriptors: it warns at most
+//! every ten seconds and pauses accepting for a moment instead of spinning
+//! on the ready listener.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -18,16 +20,18 @@ use log::{debug, error, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use crate::control::stats::{self, Counters};
-use crate::net::reason;
+use crate::control::stats::{self, Counters, Refusal};
+use crate::net::admission::Admission;
 use crate::net::worker::{Command, WorkerHandle};
-use crate::store::journal::{Closed, Journal};
-use crate::store::message::{DEVICE, IdentGenerator, Origin};
+use crate::store::journal::Journal;
+use crate::store::message::{IdentGenerator, Origin};
 
 const WAKER: Token = Token(usize::MAX);
 /// How long accepting pauses after the process ran out of descriptors.
 const EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
 const EXHAUSTED_WARN_EVERY: Duration = Duration::from_secs(10);
+/// Refusals are logged at most this often (a flood must not fill the log).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Stops the acceptor from another thread.
 pub struct AcceptorHandle {
@@ -52,12 +56,36 @@ pub struct Acceptor {
     next_worker: usize,
     idents: IdentGenerator,
     journal: Journal,
-    open_connections: Arc<AtomicUsize>,
-    max_connections: usize,
+    admission: Arc<Admission>,
     counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
     paused_until: Option<Instant>,
     last_exhausted_warning: Option<Instant>,
+    refusal_log: RefusalLog,
+}
+
+/// Logs refusals at most once a minute, saying how many went unlogged.
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    fn note(&mut self, peer: SocketAddr, cause: Refusal) {
+        let now = Instant::now();
+        if self.last.is_some_and(|last| now < last + REFUSAL_LOG_EVERY) {
+            self.unlogged += 1;
+            return;
+        }
+        let earlier = std::mem::take(&mut self.unlogged);
+        self.last = Some(now);
+        warn!(
+            "refused a device connection from {peer}: {} ({earlier} more refused since the last such line; \
+             ctl stats counts them by cause)",
+            cause.describe()
+        );
+    }
 }
 
 /// Everything the acceptor starts with.
@@ -65,8 +93,7 @@ pub struct AcceptorSetup {
     pub listeners: Vec<TcpListener>,
     pub workers: Vec<WorkerHandle>,
     pub journal: Journal,
-    pub open_connections: Arc<AtomicUsize>,
-    pub max_connections: usize,
+    pub admission: Arc<Admission>,
     pub counters: Arc<Counters>,
 }
 
@@ -88,12 +115,12 @@ impl Acceptor {
             next_worker: 0,
             idents: IdentGenerator::new(),
             journal: setup.journal,
-            open_connections: setup.open_connections,
-            max_connections: setup.max_connections,
+            admission: setup.admission,
             counters: setup.counters,
             stop: Arc::clone(&stop),
             paused_until: None,
             last_exhausted_warning: None,
+            refusal_log: RefusalLog::default(),
         };
         let thread = std::thread::Builder::new()
             .name("acceptor".into())
@@ -151,43 +178,35 @@ impl Acceptor {
 
     fn dispatch(&mut self, stream: TcpStream, peer: SocketAddr) {
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        let permit = match self.admission.admit(peer.ip()) {
+            Ok(permit) => permit,
+            Err(cause) => {
+                // Dropping the socket closes it; nothing is written.
+                self.counters.refusal(cause);
+                self.refusal_log.note(peer, cause);
+                return;
+            }
+        };
         let origin = Origin {
             ident: self.idents.next_ident(),
             peer,
         };
-        if self.open_connections.load(Ordering::Relaxed) >= self.max_connections {
-            debug!("{}: refused {peer}: too many connections", origin.ident);
-            self.refuse(origin);
-            return;
-        }
-        self.open_connections.fetch_add(1, Ordering::Relaxed);
         let index = self.next_worker;
         self.next_worker = (self.next_worker + 1) % self.workers.len();
-        if self.workers[index].post(Command::Adopt { stream, origin }) {
+        let adopt = Command::Adopt {
+            stream,
+            origin,
+            permit,
+        };
+        if self.workers[index].post(adopt) {
             self.to_wake[index] = true;
             stats::add(&self.counters.opened, 1);
         } else {
-            self.open_connections.fetch_sub(1, Ordering::Relaxed);
             error!(
                 "{}: worker {index} has stopped; connection closed",
                 origin.ident
             );
         }
-    }
-
-    /// A connection over PROXY_MAX_CONNECTIONS: its two events, then closed
-    /// (by dropping its socket).
-    fn refuse(&mut self, origin: Origin) {
-        stats::add(&self.counters.refused, 1);
-        self.counters
-            .drop_of(usize::from(DEVICE), reason::TOO_MANY_CONNECTIONS);
-        self.journal.connected(origin, DEVICE, None);
-        let closed = Closed {
-            reason: reason::TOO_MANY_CONNECTIONS,
-            received: 0,
-            sent: 0,
-        };
-        self.journal.dropped(origin, DEVICE, None, &closed);
     }
 
     fn pause_exhausted(&mut self, error: &io::Error) {
@@ -201,7 +220,7 @@ impl Acceptor {
             warn!(
                 "cannot accept device connections: {error} ({} open); raise the open-file limit \
                  (LimitNOFILE) or lower PROXY_MAX_CONNECTIONS",
-                self.open_connections.load(Ordering::Relaxed)
+                self.admission.open()
             );
         }
     }

@@ -8,6 +8,8 @@
 //! off the workers, and [`reason`] names why a side was dropped.
 
 pub mod acceptor;
+pub mod admission;
+pub mod allow;
 pub mod connection;
 pub mod limits;
 pub mod proxy_header;

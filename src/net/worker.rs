@@ -11,7 +11,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -22,6 +21,7 @@ use mio::{Events, Poll, Token, Waker};
 use slab::Slab;
 
 use crate::control::stats::{self, Counters};
+use crate::net::admission::Permit;
 use crate::net::connection::{
     Connection, ConnectionReport, Context, Drive, Settings, TargetAddresses, slot_and_side,
 };
@@ -41,7 +41,12 @@ const WAKER: Token = Token(usize::MAX);
 /// What other threads ask of a worker.
 pub enum Command {
     /// A new device connection to take over.
-    Adopt { stream: TcpStream, origin: Origin },
+    Adopt {
+        stream: TcpStream,
+        origin: Origin,
+        /// Its place under the connection limits, given back when it ends.
+        permit: Permit,
+    },
     /// Target `number` now lives at these addresses (none: not resolvable).
     TargetAddress {
         number: u8,
@@ -98,7 +103,8 @@ pub struct Worker {
     journal: Journal,
     buffer: Vec<u8>,
     addresses: TargetAddresses,
-    open_connections: Arc<AtomicUsize>,
+    /// Each connection's place under the connection limits, by slot.
+    permits: Vec<Option<Permit>>,
     counters: Arc<Counters>,
     tick: Duration,
 }
@@ -109,7 +115,6 @@ pub struct WorkerSetup {
     pub settings: Arc<Settings>,
     pub journal: Journal,
     pub addresses: TargetAddresses,
-    pub open_connections: Arc<AtomicUsize>,
     pub counters: Arc<Counters>,
 }
 
@@ -131,7 +136,7 @@ impl Worker {
             journal: setup.journal,
             buffer: vec![0; READ_BUFFER],
             addresses: setup.addresses,
-            open_connections: setup.open_connections,
+            permits: Vec::new(),
             counters: setup.counters,
             tick,
         };
@@ -197,7 +202,11 @@ impl Worker {
     fn take_commands(&mut self, now: Instant) -> bool {
         loop {
             match self.inbox.try_recv() {
-                Ok(Command::Adopt { stream, origin }) => self.adopt(stream, origin, now),
+                Ok(Command::Adopt {
+                    stream,
+                    origin,
+                    permit,
+                }) => self.adopt(stream, origin, permit, now),
                 Ok(Command::TargetAddress { number, addresses }) => {
                     self.addresses[usize::from(number - 1)] = addresses;
                 }
@@ -237,7 +246,7 @@ impl Worker {
         }
     }
 
-    fn adopt(&mut self, stream: TcpStream, origin: Origin, now: Instant) {
+    fn adopt(&mut self, stream: TcpStream, origin: Origin, permit: Permit, now: Instant) {
         debug!(
             "[worker {}] {}: connected from {}",
             self.id, origin.ident, origin.peer
@@ -253,6 +262,7 @@ impl Worker {
             now,
         };
         let connection = entry.insert(Connection::open(slot, stream, origin, &mut ctx));
+        keep_permit(&mut self.permits, slot, permit);
         schedule(&mut self.scheduled, connection, slot);
         stats::add(&self.counters.opened, 1);
     }
@@ -277,7 +287,8 @@ impl Worker {
                 Drive::Busy => schedule(&mut self.scheduled, connection, slot),
                 Drive::Finished => {
                     self.connections.remove(slot);
-                    self.open_connections.fetch_sub(1, Ordering::Relaxed);
+                    // Gives the connection's place back.
+                    self.permits[slot] = None;
                     stats::add(&self.counters.closed, 1);
                 }
             }
@@ -325,6 +336,14 @@ impl Worker {
             );
         }
     }
+}
+
+/// Keeps a connection's permit beside it, at its slot.
+fn keep_permit(permits: &mut Vec<Option<Permit>>, slot: usize, permit: Permit) {
+    if permits.len() <= slot {
+        permits.resize_with(slot + 1, || None);
+    }
+    permits[slot] = Some(permit);
 }
 
 fn schedule(scheduled: &mut Vec<usize>, connection: &mut Connection, slot: usize) {

@@ -73,9 +73,10 @@ impl StoreSettings {
         StoreSettings {
             dir: config.data_dir.clone(),
             rotate_size: config.rotate_size,
-            rotate_interval: config.rotate_interval,
-            retain_files: config.retain_files,
-            retain_age: config.retain_age,
+            // No limit (0) as a limit never reached.
+            rotate_interval: config.rotate_interval.unwrap_or(Duration::MAX),
+            retain_files: config.retain_files.unwrap_or(usize::MAX),
+            retain_age: config.retain_age.unwrap_or(Duration::MAX),
         }
     }
 }
