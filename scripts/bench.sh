@@ -80,14 +80,19 @@ if [[ -n $report_only ]]; then
     exec "$loadgen" report "$report_only"
 fi
 
-if ! command -v haproxy >/dev/null; then
-    echo "bench.sh: installing haproxy (apt-get)" >&2
+# haproxy is the peer; strace slows the writer in the fairness cases.
+missing=()
+for tool in haproxy strace; do
+    command -v "$tool" >/dev/null || missing+=("$tool")
+done
+if ((${#missing[@]})); then
+    echo "bench.sh: installing ${missing[*]} (apt-get)" >&2
     sudo=()
     if [[ $(id -u) -ne 0 ]]; then
         sudo=(sudo)
     fi
     run "${sudo[@]}" apt-get update -qq
-    run "${sudo[@]}" apt-get install -y -qq haproxy >/dev/null
+    run "${sudo[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/proxy-bench.XXXXXX")

@@ -64,10 +64,22 @@ impl Devices {
         count: usize,
         pace: Option<f64>,
     ) -> Result<Devices, String> {
+        Devices::start_numbered(mode, addr, count, pace, 1)
+    }
+
+    /// [`Devices::start`] with ids from `first_id`, so that two groups of
+    /// devices can share one target.
+    pub fn start_numbered(
+        mode: Mode,
+        addr: SocketAddr,
+        count: usize,
+        pace: Option<f64>,
+        first_id: u64,
+    ) -> Result<Devices, String> {
         let poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
         let mut devs = Vec::with_capacity(count);
         for slot in 0..count {
-            let id = slot as u64 + 1;
+            let id = slot as u64 + first_id;
             let stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
                 .and_then(|s| s.set_nodelay(true).and(s.set_nonblocking(true)).map(|()| s))
                 .map_err(|e| format!("device {id}: connect to {addr}: {e}"))?;

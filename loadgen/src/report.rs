@@ -31,6 +31,9 @@ struct Row {
     metric: &'static str,
     /// haproxy's figure to compare with, if not the same case and metric.
     reference: Option<(&'static str, &'static str)>,
+    /// Whose figure the reference is: haproxy's, or proxy-channel's own in
+    /// another case (store on against store off).
+    reference_proxy: &'static str,
     goal: Goal,
 }
 
@@ -40,6 +43,7 @@ const fn row(label: &'static str, case: &'static str, metric: &'static str, goal
         case,
         metric,
         reference: None,
+        reference_proxy: "haproxy",
         goal,
     }
 }
@@ -56,6 +60,26 @@ const fn vs(
         case,
         metric,
         reference: Some(reference),
+        reference_proxy: "haproxy",
+        goal,
+    }
+}
+
+/// A row whose reference is proxy-channel's own figure in another case; its
+/// "haproxy" column shows that figure and the label says which it is.
+const fn own(
+    label: &'static str,
+    case: &'static str,
+    metric: &'static str,
+    reference: (&'static str, &'static str),
+    goal: Goal,
+) -> Row {
+    Row {
+        label,
+        case,
+        metric,
+        reference: Some(reference),
+        reference_proxy: "pc",
         goal,
     }
 }
@@ -116,6 +140,13 @@ const ROWS: &[Row] = &[
     row("trackers: proxy CPU s, sending phase", "trackers", "cpu_s", Goal::RatioAtMost(0.7)),
     row("trackers: proxy CPU us/packet", "trackers", "cpu_us_per_packet", Goal::None),
     row("trackers: s to connect all", "trackers", "connect_s", Goal::None),
+    row("fairness, writer 200 ms/write, 1 worker: quiet p99 us", "fairness-1w", "quiet_p99_us", Goal::AtMost(50_000.0)),
+    row("fairness, writer 200 ms/write, 2 workers: quiet p99 us", "fairness-2w", "quiet_p99_us", Goal::AtMost(50_000.0)),
+    row("fairness, 1 worker: quiet req/s", "fairness-1w", "quiet_req_per_s", Goal::None),
+    vs("trackers store on: proxy CPU s", "trackers-store", "cpu_s", ("trackers", "cpu_s"), Goal::RatioAtMost(1.0)),
+    own("trackers store on/off (pc): CPU s", "trackers-store", "cpu_s", ("trackers", "cpu_s"), Goal::RatioAtMost(1.15)),
+    own("trackers store on/off (pc): p99 us", "trackers-store", "p99_us", ("trackers", "p99_us"), Goal::RatioAtMost(1.25)),
+    row("trackers store on: p999 us", "trackers-store", "p999_us", Goal::None),
     row("startup: ms to \"listening on\" log", "startup", "listening_ms", Goal::None),
     row("startup: ms to accept", "startup", "startup_ms", Goal::None),
     row("startup: ms to first byte forwarded", "startup", "first_byte_ms", Goal::None),
@@ -169,7 +200,7 @@ pub fn print(text: &str) -> Result<bool, String> {
     for row in ROWS {
         let pc = figure(row.case, "pc", row.metric);
         let (ref_case, ref_metric) = row.reference.unwrap_or((row.case, row.metric));
-        let ha = figure(ref_case, "haproxy", ref_metric);
+        let ha = figure(ref_case, row.reference_proxy, ref_metric);
         let direct = figure(row.case, "direct", row.metric);
         if pc.is_none() && ha.is_none() && direct.is_none() {
             continue;
@@ -199,6 +230,9 @@ pub fn print(text: &str) -> Result<bool, String> {
     );
     println!(
         "haproxy column of \"3t\" and \"store 3t\" rows: haproxy's one-target figure (haproxy has no fan-out, no store)"
+    );
+    println!(
+        "\"store on/off (pc)\" rows: the haproxy column holds proxy-channel's own figure with the store off"
     );
     println!(
         "store \"tmpfs\" rows: message files in /dev/shm (the daemon's own cost); \"disk\" rows: on the work folder's disk (a short run fits in its page cache)"

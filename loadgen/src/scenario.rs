@@ -48,8 +48,17 @@ pub enum What {
     ViewScan,
     /// 100-byte request, 100-byte echo, one at a time per connection.
     Echo { conns: usize },
-    /// Thousands of devices, one 100-byte packet per second each.
-    Trackers { devices: usize, secs: u32 },
+    /// Store on, the file writer slowed to 200 ms a write (strace delays
+    /// its writes): one device floods while another does request/reply;
+    /// the quiet one's round trip is the figure.
+    Fairness { workers: usize },
+    /// Thousands of devices, one 100-byte packet per second each, with
+    /// the store off (as haproxy, which records nothing) or on.
+    Trackers {
+        devices: usize,
+        secs: u32,
+        store: Store,
+    },
 }
 
 pub struct Case {
@@ -89,7 +98,10 @@ pub const CASES: &[Case] = &[
     Case { name: "view-scan", proxies: PC, what: What::ViewScan },
     Case { name: "echo-1c", proxies: ALL, what: What::Echo { conns: 1 } },
     Case { name: "echo-50c", proxies: ALL, what: What::Echo { conns: 50 } },
-    Case { name: "trackers", proxies: ALL, what: What::Trackers { devices: 9000, secs: 20 } },
+    Case { name: "trackers", proxies: ALL, what: What::Trackers { devices: 9000, secs: 20, store: Store::Off } },
+    Case { name: "fairness-1w", proxies: PC, what: What::Fairness { workers: 1 } },
+    Case { name: "fairness-2w", proxies: PC, what: What::Fairness { workers: 2 } },
+    Case { name: "trackers-store", proxies: PC, what: What::Trackers { devices: 9000, secs: 20, store: Store::Memory } },
 ];
 
 pub fn find(name: &str) -> Option<&'static Case> {
@@ -143,9 +155,14 @@ pub fn run(case: &Case, kind: Kind, setup: &Setup, timing: Timing) -> Result<Vec
         What::StoreCapacity => store_capacity(setup, timing),
         What::ViewScan => view_scan(setup),
         What::Echo { conns } => echo(kind, setup, timing, conns),
-        What::Trackers { devices, secs } => {
+        What::Fairness { workers } => fairness(setup, timing, workers),
+        What::Trackers {
+            devices,
+            secs,
+            store,
+        } => {
             let (devices, secs) = timing.trackers.unwrap_or((devices, secs));
-            trackers(kind, setup, devices, secs)
+            trackers(kind, setup, devices, secs, store)
         }
     }
 }
@@ -477,12 +494,113 @@ fn echo(kind: Kind, setup: &Setup, timing: Timing, conns: usize) -> Result<Vec<M
     Ok(metrics)
 }
 
+/// How long a slowed writer's every write takes.
+const SLOW_WRITE_US: u32 = 200_000;
+
+fn fairness(setup: &Setup, timing: Timing, workers: usize) -> Result<Vec<Metric>, String> {
+    let targets = start_targets(1)?;
+    let workers = workers.to_string();
+    let extra = [("PROXY_WORKERS", workers.as_str())];
+    let proxy = Running::start_with(
+        Kind::ProxyChannel,
+        setup,
+        &[targets[0].addr],
+        Store::Memory,
+        &extra,
+    )?;
+    let slowed = SlowWriter::attach(&proxy)?;
+    let flood = Devices::start_numbered(Mode::Flood, proxy.listen, 1, None, 1)?;
+    let quiet = Devices::start_numbered(Mode::Echo, proxy.listen, 1, None, 2)?;
+    std::thread::sleep(timing.warmup);
+    quiet.shared.measuring.store(true, Relaxed);
+    let requests_before = quiet.shared.requests.load(Relaxed);
+    std::thread::sleep(timing.measure.max(Duration::from_secs(3)));
+    let requests = quiet.shared.requests.load(Relaxed) - requests_before;
+    quiet.shared.measuring.store(false, Relaxed);
+    drop(slowed);
+    let finished = quiet
+        .finish()
+        .and_then(|quiet| Ok((quiet, flood.finish()?)));
+    let (quiet, flood) = match finished {
+        Ok(outcomes) => outcomes,
+        Err(e) => return Err(with_targets(e, targets)),
+    };
+    let mut sent = quiet.sent.clone();
+    sent.extend(flood.sent.iter().map(|(id, bytes)| (*id, *bytes)));
+    finish_targets(targets, &sent)?;
+    proxy.stop()?;
+    if requests == 0 {
+        return Err("the quiet device completed no request while the writer was slow".into());
+    }
+    let mut metrics = vec![(
+        "quiet_req_per_s",
+        requests as f64 / timing.measure.as_secs_f64(),
+    )];
+    metrics.extend(quantiles(
+        &quiet.latency,
+        &[("quiet_p50_us", 0.5), ("quiet_p99_us", 0.99)],
+    ));
+    Ok(metrics)
+}
+
+/// strace attached to the daemon's writer thread, delaying each of its
+/// writes; detached (and the writer fast again) when dropped.
+struct SlowWriter(std::process::Child);
+
+impl SlowWriter {
+    fn attach(proxy: &Running) -> Result<SlowWriter, String> {
+        let pid = proxy.pid().ok_or("no proxy process")?;
+        let writer = writer_thread(pid)?;
+        let delay = format!("inject=write,writev,pwrite64,pwritev:delay_enter={SLOW_WRITE_US}");
+        let child = std::process::Command::new("strace")
+            .args(["-qq", "-o", "/dev/null", "-p", &writer.to_string()])
+            .args(["-e", "trace=write,writev,pwrite64,pwritev", "-e", &delay])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("strace (apt-get install strace): {e}"))?;
+        // strace needs a moment to attach.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(SlowWriter(child))
+    }
+}
+
+impl Drop for SlowWriter {
+    fn drop(&mut self) {
+        // SIGINT makes strace detach cleanly; waiting reaps it.
+        // SAFETY: kill with a pid we spawned.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        let _ = self.0.wait();
+    }
+}
+
+/// The thread id of the daemon's thread named `writer`.
+fn writer_thread(pid: u32) -> Result<u32, String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| format!("{e}"))?;
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() == "writer" {
+            return task
+                .file_name()
+                .to_string_lossy()
+                .parse()
+                .map_err(|e| format!("{e}"));
+        }
+    }
+    Err(format!("no thread named writer in process {pid}"))
+}
+
 /// Connecting all trackers takes well under a second when all is well.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(60);
 
-fn trackers(kind: Kind, setup: &Setup, count: usize, secs: u32) -> Result<Vec<Metric>, String> {
+fn trackers(
+    kind: Kind,
+    setup: &Setup,
+    count: usize,
+    secs: u32,
+    store: Store,
+) -> Result<Vec<Metric>, String> {
     let targets = start_targets(1)?;
-    let mut proxy = Running::start(kind, setup, &[targets[0].addr], Store::Off)?;
+    let mut proxy = Running::start(kind, setup, &[targets[0].addr], store)?;
     std::thread::sleep(Duration::from_millis(300));
     let pss_before = proxy.pss_kib();
     let connecting = Instant::now();
