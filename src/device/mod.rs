@@ -15,6 +15,7 @@
 //!   in itself.
 //! - [`Ident`]: a device ident, checked to be safe in JSON, logs and a
 //!   device list file (see its documentation for the characters allowed).
+//! - [`DeviceList`]: the idents of a PROXY_TARGETn_DEVICES file.
 //!
 //! Bounds: a detection holds at most [`WINDOW_BYTES`] of the device's bytes,
 //! allocated only once a packet leaves it undecided and freed when it ends;
@@ -23,10 +24,12 @@
 
 mod detect;
 mod ident;
+mod list;
 mod protocols;
 
 pub use detect::{Detection, DetectorSet, DetectorSetError, GiveUp, Outcome, detect_datagram};
 pub use ident::Ident;
+pub use list::{DeviceList, DeviceListError};
 
 use std::time::Duration;
 
