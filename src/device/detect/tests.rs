@@ -243,6 +243,7 @@ fn one_line_keeps_the_reason_of_a_regex_syntax_error() {
 
 #[test]
 fn a_detection_is_small_until_bytes_arrive() {
-    assert!(size_of::<Detection>() <= 40, "{} bytes", size_of::<Detection>());
+    let size = size_of::<Detection>();
+    assert!(size <= 40, "{size} bytes");
     assert_eq!(Detection::new(Instant::now()).held_bytes(), 0);
 }
