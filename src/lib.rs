@@ -37,6 +37,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod device;
 pub mod net;
 pub mod store;
 pub mod tools;
