@@ -2,12 +2,11 @@
 //! Prometheus metrics file, and a one-line summary in the log each minute.
 //!
 //! One thread with one mio poll serves every client (no thread per client).
-//! The protocol is JSON Lines: a request `{"command":"list"}`,
-//! `{"command":"close","ident":"..."}` or `{"command":"stats"}` gets one
-//! reply line, `{"ok":true,...}` or `{"ok":false,"error":"..."}`. A request
-//! that is not JSON, unknown, or longer than 64 KiB gets an error reply; it
-//! never stops the daemon. Listing and closing ask every worker over its
-//! command channel and wait briefly for the answers.
+//! Requests and replies are the [`protocol`](crate::control::protocol)'s JSON lines: each request line
+//! gets one reply line. A request that is not JSON, unknown, or longer than
+//! [`MAX_REQUEST`] gets an error reply; it never stops the daemon. Listing
+//! and closing ask every worker over its command channel and wait briefly
+//! for the answers ([`Control::ask_workers`]).
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -22,21 +21,20 @@ use crossbeam_channel::Sender;
 use log::{error, info, warn};
 use mio::net::{UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
-use serde::Deserialize;
-use serde_json::{Value, json};
 use slab::Slab;
 
 use crate::control::metrics;
+use crate::control::protocol::{
+    ClosedDeviceReply, ClosedReply, LineReader, ListReply, MAX_REQUEST, Reply, Request, StatsReply,
+    parse_ident,
+};
 use crate::control::stats::{Registry, Snapshot};
 use crate::net::connection::ConnectionReport;
 use crate::net::worker::{Command, WorkerHandle};
 use crate::store::journal::StoreCommand;
-use crate::store::message::Ident;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX);
-/// A request line longer than this is refused.
-pub const MAX_REQUEST: usize = 64 * 1024;
 const WORKER_ANSWER_WAIT: Duration = Duration::from_secs(2);
 const SUMMARY_EVERY: Duration = Duration::from_secs(60);
 
@@ -100,7 +98,7 @@ impl ControlHandle {
 
 struct Client {
     stream: UnixStream,
-    input: Vec<u8>,
+    input: LineReader,
     output: Vec<u8>,
     /// Close once the output is written.
     closing: bool,
@@ -117,12 +115,6 @@ pub struct Control {
     metrics: Option<(PathBuf, Duration)>,
     stop: Arc<AtomicBool>,
     last_summary: Snapshot,
-}
-
-#[derive(Deserialize)]
-struct Request {
-    command: String,
-    ident: Option<String>,
 }
 
 impl Control {
@@ -219,7 +211,7 @@ impl Control {
                     }
                     entry.insert(Client {
                         stream,
-                        input: Vec::new(),
+                        input: LineReader::default(),
                         output: Vec::new(),
                         closing: false,
                     });
@@ -240,25 +232,14 @@ impl Control {
             return;
         };
         let open = client.closing || read_input(client);
-        let mut requests = Vec::new();
-        while let Some(end) = client.input.iter().position(|&b| b == b'\n') {
-            requests.push(client.input.drain(..=end).collect::<Vec<u8>>());
-        }
-        if client.input.len() > MAX_REQUEST {
-            client.input.clear();
-            client.closing = true;
-            requests.push(Vec::new());
-        }
-        for request in requests {
-            let reply = match request.is_empty() {
-                true => error_reply(&format!("request longer than {MAX_REQUEST} bytes")),
-                false => self.answer(&request),
+        for line in client.input.take_lines() {
+            let reply = match &line {
+                Ok(request) => self.answer(request),
+                Err(too_long) => Reply::Refused(too_long.to_string()),
             };
             if let Some(client) = self.clients.get_mut(slot) {
-                client
-                    .output
-                    .extend_from_slice(reply.to_string().as_bytes());
-                client.output.push(b'\n');
+                client.closing |= line.is_err();
+                client.output.extend_from_slice(reply.to_line().as_bytes());
             }
         }
         let Some(client) = self.clients.get_mut(slot) else {
@@ -273,79 +254,106 @@ impl Control {
         }
     }
 
-    fn answer(&self, line: &[u8]) -> Value {
-        let request: Request = match serde_json::from_slice(line) {
-            Ok(request) => request,
-            Err(e) => return error_reply(&format!("not a request: {e}")),
-        };
-        match (request.command.as_str(), request.ident) {
-            ("list", _) => match self.list() {
-                Ok(connections) => json!({"ok": true, "connections": connections}),
-                Err(why) => error_reply(&why),
+    fn answer(&self, line: &[u8]) -> Reply {
+        match Request::parse(line) {
+            Ok(Request::List) => match self.list() {
+                Ok(connections) => Reply::List(ListReply { connections }),
+                Err(busy) => Reply::Refused(busy.to_string()),
             },
-            ("stats", _) => json!({"ok": true, "stats": self.snapshot(), "targets": self.targets}),
-            ("close", Some(ident)) => self.close(&ident),
-            ("close", None) => error_reply("close needs an ident"),
-            (other, _) => error_reply(&format!(
-                "unknown command {other:?}: expected list, close or stats"
-            )),
+            Ok(Request::Stats) => Reply::Stats(Box::new(StatsReply {
+                stats: self.snapshot(),
+                targets: self.targets.clone(),
+            })),
+            Ok(Request::Close(ident)) => self.close(&ident),
+            Ok(Request::CloseDevice(device)) => self.close_device(&device),
+            Err(e) => Reply::Refused(e.to_string()),
         }
     }
 
-    /// Every worker's connections; an error if a worker did not answer in
-    /// time (it is waiting for the message writer: a full disk?).
-    fn list(&self) -> Result<Vec<ConnectionReport>, String> {
+    /// Sends every worker the command `ask` makes around a reply channel;
+    /// the answers come from [`Asked`].
+    fn ask_workers<T>(&self, ask: impl Fn(Sender<T>) -> Command) -> Asked<T> {
         let (reply, answers) = crossbeam_channel::unbounded();
         let asked = self
             .workers
             .iter()
-            .filter(|w| {
-                w.send(Command::List {
-                    reply: reply.clone(),
-                })
-            })
+            .filter(|w| w.send(ask(reply.clone())))
             .count();
-        let deadline = Instant::now() + WORKER_ANSWER_WAIT;
-        let mut all = Vec::new();
-        for answered in 0..asked {
-            match answers.recv_deadline(deadline) {
-                Ok(reports) => all.extend(reports),
-                Err(_) => return Err(busy_workers(asked - answered, asked)),
-            }
+        Asked {
+            answers,
+            asked,
+            answered: 0,
+            deadline: Instant::now() + WORKER_ANSWER_WAIT,
         }
-        all.sort_by(|a: &ConnectionReport, b| b.age_seconds.total_cmp(&a.age_seconds));
+    }
+
+    /// Every worker's connections, oldest first; an error if a worker did
+    /// not answer in time (it is waiting for the message writer: a full
+    /// disk?).
+    fn list(&self) -> Result<Vec<ConnectionReport>, Busy> {
+        let answers = self.ask_workers(|reply| Command::List { reply }).all()?;
+        let mut all: Vec<ConnectionReport> = answers.into_iter().flatten().collect();
+        all.sort_by(|a, b| b.age_seconds.total_cmp(&a.age_seconds));
         Ok(all)
     }
 
-    fn close(&self, ident: &str) -> Value {
-        let Some(parsed) = parse_ident(ident) else {
-            return error_reply(&format!("{ident:?} is not an ident (16 hex characters)"));
+    fn close(&self, ident: &str) -> Reply {
+        match self.close_one(ident) {
+            Ok(true) => Reply::Closed(ClosedReply {
+                closed: ident.to_string(),
+            }),
+            Ok(false) => Reply::Refused(format!("no open connection with ident {ident}")),
+            Err(why) => Reply::Refused(why),
+        }
+    }
+
+    /// Closes every open connection whose device ident is `device`.
+    fn close_device(&self, device: &str) -> Reply {
+        let connections = match self.list() {
+            Ok(connections) => connections,
+            Err(busy) => return Reply::Refused(busy.to_string()),
         };
-        let (reply, answers) = crossbeam_channel::unbounded();
-        let asked = self
-            .workers
-            .iter()
-            .filter(|w| {
-                w.send(Command::Close {
-                    ident: parsed,
-                    reply: reply.clone(),
-                })
-            })
-            .count();
-        let deadline = Instant::now() + WORKER_ANSWER_WAIT;
-        for answered in 0..asked {
-            match answers.recv_deadline(deadline) {
-                Ok(true) => return json!({"ok": true, "closed": ident}),
+        let of_device = connections
+            .into_iter()
+            .filter(|c| c.device.as_deref() == Some(device));
+        let mut closed = Vec::new();
+        for connection in of_device {
+            match self.close_one(&connection.ident) {
+                Ok(true) => closed.push(connection.ident),
+                // Ended between the list and the close.
                 Ok(false) => {}
-                Err(_) => {
-                    let busy = busy_workers(asked - answered, asked);
-                    return error_reply(&format!(
-                        "{busy}; the close is queued and may still happen"
-                    ));
+                Err(why) => return Reply::Refused(why),
+            }
+        }
+        match closed.is_empty() {
+            true => Reply::Refused(format!("no connection of device {device}")),
+            false => Reply::ClosedDevice(ClosedDeviceReply {
+                device: device.to_string(),
+                closed,
+            }),
+        }
+    }
+
+    /// Asks the workers to close `ident`: whether one had it, or why it
+    /// is not known.
+    fn close_one(&self, ident: &str) -> Result<bool, String> {
+        let Some(parsed) = parse_ident(ident) else {
+            return Err(format!("{ident:?} is not an ident (16 hex characters)"));
+        };
+        let mut answers = self.ask_workers(|reply| Command::Close {
+            ident: parsed,
+            reply,
+        });
+        while let Some(answer) = answers.next() {
+            match answer {
+                Ok(true) => return Ok(true),
+                Ok(false) => {}
+                Err(busy) => {
+                    return Err(format!("{busy}; the close is queued and may still happen"));
                 }
             }
         }
-        error_reply(&format!("no open connection with ident {ident}"))
+        Ok(false)
     }
 
     fn write_metrics(&self) {
@@ -387,30 +395,53 @@ impl Control {
     }
 }
 
-/// An ident as the messages write it: exactly 16 hex digits (lowercase;
-/// uppercase is taken too, as `ctl close` always was), nothing else, not
-/// even the sign `u64::from_str_radix` would allow.
-fn parse_ident(text: &str) -> Option<Ident> {
-    if text.len() != 16 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    u64::from_str_radix(text, 16).ok().map(Ident)
+/// The answers of the workers asked by [`Control::ask_workers`], as they
+/// come, until each has answered or [`WORKER_ANSWER_WAIT`] has passed.
+struct Asked<T> {
+    answers: crossbeam_channel::Receiver<T>,
+    asked: usize,
+    answered: usize,
+    deadline: Instant,
 }
 
-fn busy_workers(silent: usize, asked: usize) -> String {
-    format!(
-        "{silent} of {asked} workers did not answer within {}s (are they waiting for the \
-         message writer? see the log, and `ctl stats` for write errors)",
-        WORKER_ANSWER_WAIT.as_secs()
-    )
+impl<T> Asked<T> {
+    /// The next answer; `None` once every worker has answered.
+    fn next(&mut self) -> Option<Result<T, Busy>> {
+        if self.answered == self.asked {
+            return None;
+        }
+        let answer = self.answers.recv_deadline(self.deadline).map_err(|_| Busy {
+            silent: self.asked - self.answered,
+            asked: self.asked,
+        });
+        self.answered += 1;
+        Some(answer)
+    }
+
+    /// Every answer, or why not.
+    fn all(mut self) -> Result<Vec<T>, Busy> {
+        let mut all = Vec::with_capacity(self.asked);
+        while let Some(answer) = self.next() {
+            all.push(answer?);
+        }
+        Ok(all)
+    }
+}
+
+/// Workers that did not answer in time.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{silent} of {asked} workers did not answer within {}s (are they waiting for the \
+     message writer? see the log, and `ctl stats` for write errors)",
+    WORKER_ANSWER_WAIT.as_secs()
+)]
+struct Busy {
+    silent: usize,
+    asked: usize,
 }
 
 fn count_drops(snapshot: &Snapshot) -> u64 {
     snapshot.drops.iter().flatten().sum()
-}
-
-fn error_reply(why: &str) -> Value {
-    json!({"ok": false, "error": why})
 }
 
 /// Reads what the client sent; false once it has closed or failed.
@@ -420,8 +451,8 @@ fn read_input(client: &mut Client) -> bool {
         match client.stream.read(&mut buffer) {
             Ok(0) => return false,
             Ok(n) => {
-                client.input.extend_from_slice(&buffer[..n]);
-                if client.input.len() > MAX_REQUEST {
+                client.input.push(&buffer[..n]);
+                if client.input.held() > MAX_REQUEST {
                     return true;
                 }
             }
@@ -446,31 +477,4 @@ fn write_output(client: &mut Client) -> bool {
         }
     }
     true
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_ident_is_exactly_sixteen_hex_digits() {
-        assert_eq!(
-            parse_ident("0123456789abcdef"),
-            Some(Ident(0x0123_4567_89ab_cdef))
-        );
-        assert_eq!(parse_ident("FFFFFFFFFFFFFFFF"), Some(Ident(u64::MAX)));
-        for bad in [
-            "+fffffffffffffff",
-            "-fffffffffffffff",
-            " fffffffffffffff",
-            "0x0123456789abcd",
-            "0123456789abcdeg",
-            "0123456789abcde",
-            "0123456789abcdef0",
-            "",
-            "０123456789abcd",
-        ] {
-            assert_eq!(parse_ident(bad), None, "{bad:?}");
-        }
-    }
 }
