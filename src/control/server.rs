@@ -7,6 +7,15 @@
 //! [`MAX_REQUEST`] gets an error reply; it never stops the daemon. Listing
 //! and closing ask every worker over its command channel and wait briefly
 //! for the answers ([`Control::ask_workers`]).
+//!
+//! Bounds per client: a client is not read from while replies wait for it
+//! to read them (the kernel's socket buffer is full), so it holds at most
+//! one read of requests ([`MAX_REQUEST`] and a bit); answering those stops,
+//! and the client is dropped, once more than [`MAX_UNREAD`] of its replies
+//! wait. One reply may be larger (a `list` of many connections): it is
+//! queued whole, as it is the answer to a request the client may read.
+//! A client gets [`ROUNDS_PER_WAKE`] reads per turn, so that one that
+//! keeps sending cannot starve the others.
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -26,7 +35,7 @@ use slab::Slab;
 use crate::control::metrics;
 use crate::control::protocol::{
     ClosedDeviceReply, ClosedReply, LineReader, ListReply, MAX_REQUEST, Reply, Request, StatsReply,
-    parse_ident,
+    TooLong, parse_ident,
 };
 use crate::control::stats::{Registry, Snapshot};
 use crate::net::connection::ConnectionReport;
@@ -37,6 +46,12 @@ const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX);
 const WORKER_ANSWER_WAIT: Duration = Duration::from_secs(2);
 const SUMMARY_EVERY: Duration = Duration::from_secs(60);
+/// Replies a client may leave unread; past this it is dropped (SPEC,
+/// Security).
+pub const MAX_UNREAD: usize = 1 << 20;
+/// Reads (each up to [`MAX_REQUEST`] and its answers) for one client before
+/// the others' turn.
+pub const ROUNDS_PER_WAKE: usize = 16;
 
 /// Binds the control socket with mode 0600. A socket file left by a killed
 /// daemon is replaced; one a live daemon answers on is an error.
@@ -99,9 +114,32 @@ impl ControlHandle {
 struct Client {
     stream: UnixStream,
     input: LineReader,
+    /// Replies the socket has not taken yet.
     output: Vec<u8>,
-    /// Close once the output is written.
+    /// No more requests (the client has finished, or sent an overlong
+    /// one): close once the output is written.
     closing: bool,
+}
+
+/// What one read of a client's socket ended on.
+enum ReadEnd {
+    /// Nothing more to read for now.
+    Waiting,
+    /// [`MAX_REQUEST`] bytes are held; there may be more.
+    Full,
+    /// The client has finished sending.
+    Ended,
+    Failed,
+}
+
+/// What to do with a client after one round.
+enum Round {
+    /// Wait for its next event (more requests, or room for its replies).
+    Wait,
+    /// Go on: it may have more to read.
+    More,
+    /// Close it: done, failed, or dropped.
+    Close,
 }
 
 pub struct Control {
@@ -115,6 +153,8 @@ pub struct Control {
     metrics: Option<(PathBuf, Duration)>,
     stop: Arc<AtomicBool>,
     last_summary: Snapshot,
+    /// Clients whose turn ended with more to read.
+    again: Vec<usize>,
 }
 
 impl Control {
@@ -138,6 +178,7 @@ impl Control {
             metrics: setup.metrics,
             stop: Arc::clone(&stop),
             last_summary: Snapshot::default(),
+            again: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("control".into())
@@ -154,7 +195,10 @@ impl Control {
                 Some(_) => next_metrics.min(next_summary),
                 None => next_summary,
             };
-            let timeout = next.saturating_duration_since(Instant::now());
+            let timeout = match self.again.is_empty() {
+                true => next.saturating_duration_since(Instant::now()),
+                false => Duration::ZERO,
+            };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     error!("control: poll failed: {e}");
@@ -173,6 +217,9 @@ impl Control {
                     WAKER => {}
                     Token(slot) => self.serve(slot),
                 }
+            }
+            for slot in std::mem::take(&mut self.again) {
+                self.serve(slot);
             }
             let now = Instant::now();
             if let Some((_, every)) = &self.metrics {
@@ -226,29 +273,77 @@ impl Control {
         }
     }
 
-    /// Reads a client's requests, answers complete ones, writes replies.
+    /// Serves a client for one turn: rounds until it has nothing to read
+    /// or unread replies, at most [`ROUNDS_PER_WAKE`].
     fn serve(&mut self, slot: usize) {
-        let Some(client) = self.clients.get_mut(slot) else {
-            return;
-        };
-        let open = client.closing || read_input(client);
-        for line in client.input.take_lines() {
-            let reply = match &line {
-                Ok(request) => self.answer(request),
-                Err(too_long) => Reply::Refused(too_long.to_string()),
-            };
-            if let Some(client) = self.clients.get_mut(slot) {
-                client.closing |= line.is_err();
-                client.output.extend_from_slice(reply.to_line().as_bytes());
+        for _ in 0..ROUNDS_PER_WAKE {
+            match self.serve_round(slot) {
+                Round::Wait => return,
+                Round::More => {}
+                Round::Close => return self.close_client(slot),
             }
         }
+        self.again.push(slot);
+    }
+
+    /// Writes the client's replies; once it has taken them all, reads its
+    /// requests (one [`ReadEnd`]) and answers the complete ones.
+    fn serve_round(&mut self, slot: usize) -> Round {
         let Some(client) = self.clients.get_mut(slot) else {
-            return;
+            return Round::Wait;
         };
-        client.closing |= !open;
-        let flushed = write_output(client);
-        if !flushed || (client.closing && client.output.is_empty()) {
-            let mut client = self.clients.remove(slot);
+        if !write_output(client) {
+            return Round::Close;
+        }
+        if !client.output.is_empty() {
+            // Not read from again until it reads its replies.
+            return Round::Wait;
+        }
+        if client.closing {
+            return Round::Close;
+        }
+        let read = read_input(client);
+        if matches!(read, ReadEnd::Failed) {
+            return Round::Close;
+        }
+        client.closing = matches!(read, ReadEnd::Ended);
+        for line in client.input.take_lines() {
+            if !self.reply(slot, &line) {
+                return Round::Close;
+            }
+        }
+        match read {
+            ReadEnd::Waiting => Round::Wait,
+            ReadEnd::Full | ReadEnd::Ended | ReadEnd::Failed => Round::More,
+        }
+    }
+
+    /// Answers one request line of a client and queues the reply; false if
+    /// the client is to be dropped: more than [`MAX_UNREAD`] of its replies
+    /// wait already, or its socket failed.
+    fn reply(&mut self, slot: usize, line: &Result<Vec<u8>, TooLong>) -> bool {
+        let unread = self.clients.get(slot).map_or(0, |c| c.output.len());
+        if unread > MAX_UNREAD {
+            warn!(
+                "control: a client left {unread} bytes of replies unread and sent more \
+                 requests; it is dropped"
+            );
+            return false;
+        }
+        let reply = match line {
+            Ok(request) => self.answer(request),
+            Err(too_long) => Reply::Refused(too_long.to_string()),
+        };
+        let Some(client) = self.clients.get_mut(slot) else {
+            return false;
+        };
+        client.closing |= line.is_err();
+        client.output.extend_from_slice(reply.to_line().as_bytes());
+        write_output(client)
+    }
+
+    fn close_client(&mut self, slot: usize) {
+        if let Some(mut client) = self.clients.try_remove(slot) {
             // The client is dropped (closed) right after.
             let _ = self.poll.registry().deregister(&mut client.stream);
         }
@@ -444,21 +539,22 @@ fn count_drops(snapshot: &Snapshot) -> u64 {
     snapshot.drops.iter().flatten().sum()
 }
 
-/// Reads what the client sent; false once it has closed or failed.
-fn read_input(client: &mut Client) -> bool {
+/// Reads what the client sent until nothing more is waiting or
+/// [`MAX_REQUEST`] bytes are held.
+fn read_input(client: &mut Client) -> ReadEnd {
     let mut buffer = [0u8; 4096];
     loop {
         match client.stream.read(&mut buffer) {
-            Ok(0) => return false,
+            Ok(0) => return ReadEnd::Ended,
             Ok(n) => {
                 client.input.push(&buffer[..n]);
                 if client.input.held() > MAX_REQUEST {
-                    return true;
+                    return ReadEnd::Full;
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadEnd::Waiting,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return false,
+            Err(_) => return ReadEnd::Failed,
         }
     }
 }
