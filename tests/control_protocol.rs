@@ -127,7 +127,7 @@ fn a_client_that_reads_its_replies_late_gets_every_one() {
     let daemon = Daemon::start_with_control(&[]);
     let socket = daemon.control_socket();
     let mut client = ControlClient::connect(&socket);
-    let batch = 1000;
+    let batch = 500;
     client.send(&STATS.repeat(batch));
     // The daemon answers what fits, then waits for the client to read:
     // another client is served meanwhile, and the second batch waits

@@ -2,11 +2,12 @@
 //! Prometheus metrics file, and a one-line summary in the log each minute.
 //!
 //! One thread with one mio poll serves every client (no thread per client).
-//! Requests and replies are the [`protocol`](crate::control::protocol)'s JSON lines: each request line
-//! gets one reply line. A request that is not JSON, unknown, or longer than
+//! Requests and replies are JSON lines of the
+//! [`protocol`](crate::control::protocol): each request line gets one reply
+//! line. A request that is not JSON, unknown, or longer than
 //! [`MAX_REQUEST`] gets an error reply; it never stops the daemon. Listing
 //! and closing ask every worker over its command channel and wait briefly
-//! for the answers ([`Control::ask_workers`]).
+//! for the answers (`Control::ask_workers`).
 //!
 //! Bounds per client: a client is not read from while replies wait for it
 //! to read them (the kernel's socket buffer is full), so it holds at most
@@ -314,6 +315,7 @@ impl Control {
         }
         match read {
             ReadEnd::Waiting => Round::Wait,
+            // Full: read on; Ended: write the replies, then close.
             ReadEnd::Full | ReadEnd::Ended | ReadEnd::Failed => Round::More,
         }
     }
