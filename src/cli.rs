@@ -164,21 +164,25 @@ fn parse_ctl(parser: &mut lexopt::Parser) -> Result<CtlOptions, UsageError> {
     let mut words = Vec::new();
     let mut json = false;
     let mut socket = None;
+    let mut device = None;
     while let Some(arg) = parser.next()? {
         match arg {
             Long("json") => json = true,
             Long("socket") => socket = Some(PathBuf::from(string_value(parser)?)),
+            Long("device") => device = Some(string_value(parser)?),
             Value(word) => words.push(word.string()?),
             other => return Err(other.unexpected().into()),
         }
     }
-    let request = match words.iter().map(String::as_str).collect::<Vec<_>>()[..] {
-        ["list"] => Request::List,
-        ["stats"] => Request::Stats,
-        ["close", ident] => Request::Close(ident.to_ascii_lowercase()),
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let request = match (&words[..], device) {
+        (["list"], None) => Request::List,
+        (["stats"], None) => Request::Stats,
+        (["close", ident], None) => Request::Close(ident.to_ascii_lowercase()),
+        (["close"], Some(device)) => Request::CloseDevice(device),
         _ => {
             return Err(UsageError(
-                "expected ctl list, ctl close IDENT or ctl stats".into(),
+                "expected ctl list, ctl close IDENT, ctl close --device DEVICE or ctl stats".into(),
             ));
         }
     };
@@ -240,7 +244,7 @@ Usage:
   proxy-channel view [OPTIONS] [PATH..] show recorded messages (default: $PROXY_DATA_DIR)
   proxy-channel replay --target HOST:PORT [OPTIONS] [PATH..]
                                         send recorded device traffic again
-  proxy-channel ctl list|close IDENT|stats [--json] [--socket PATH]
+  proxy-channel ctl list|close IDENT|close --device DEVICE|stats [--json] [--socket PATH]
                                         talk to a running daemon
   proxy-channel --help | --version
 
@@ -270,6 +274,7 @@ replay options:
 ctl:
   list                  open device connections, with bytes and targets
   close IDENT           close one connection (reason: closed by operator)
+  close --device DEVICE close every connection of that device
   stats                 counters since start
   --json                the daemon's JSON reply unchanged
   --socket PATH         default: $PROXY_CONTROL_SOCKET, or $PROXY_DATA_DIR/control.sock

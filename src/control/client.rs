@@ -1,25 +1,19 @@
 //! `proxy-channel ctl`: the client of the control socket.
 //!
-//! Sends one request line, reads one reply line, and prints it as a table
-//! (or unchanged with `--json`). A daemon that is not running, or a socket
-//! this user may not open, is a clear one-line error.
+//! Sends one request line, reads one reply line (both of
+//! [`protocol`](super::protocol)), and prints it as a table (or unchanged
+//! with `--json`). A daemon that is not running, or a socket this user may
+//! not open, is a clear one-line error.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use crate::control::protocol::{ClosedDeviceReply, ListReply, Reply, ReplyError, StatsReply};
+use crate::control::stats::{DropKind, Refusal};
 
-use crate::control::stats::{DropKind, Refusal, Snapshot};
-use crate::net::connection::ConnectionReport;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Request {
-    List,
-    Close(String),
-    Stats,
-}
+pub use crate::control::protocol::Request;
 
 #[derive(Debug, Clone)]
 pub struct CtlOptions {
@@ -45,20 +39,27 @@ pub enum CtlError {
 
 /// Sends the request and prints the answer on `out`.
 pub fn run(options: &CtlOptions, out: &mut dyn Write) -> Result<(), CtlError> {
-    let reply = ask(options)?;
-    let value: Value = serde_json::from_str(&reply).map_err(|e| CtlError::Reply(e.to_string()))?;
-    if value["ok"] != json!(true) {
-        let why = value["error"].as_str().unwrap_or("no reason given");
-        return Err(CtlError::Refused(why.to_string()));
-    }
+    let line = ask(options)?;
+    let reply = Reply::parse(&options.request, &line)?;
     if options.json {
-        writeln!(out, "{}", reply.trim_end())?;
+        writeln!(out, "{}", line.trim_end())?;
         return Ok(());
     }
-    match &options.request {
-        Request::List => print_list(&value, out),
-        Request::Stats => print_stats(&value, out),
-        Request::Close(ident) => Ok(writeln!(out, "closed {ident}")?),
+    match reply {
+        Reply::List(list) => print_list(&list, out),
+        Reply::Stats(stats) => print_stats(&stats, out),
+        Reply::Closed(closed) => Ok(writeln!(out, "closed {}", closed.closed)?),
+        Reply::ClosedDevice(closed) => print_closed(&closed, out),
+        Reply::Refused(why) => Err(CtlError::Refused(why)),
+    }
+}
+
+impl From<ReplyError> for CtlError {
+    fn from(error: ReplyError) -> CtlError {
+        match error {
+            ReplyError::Unreadable(why) => CtlError::Reply(why),
+            ReplyError::Refused(why) => CtlError::Refused(why),
+        }
     }
 }
 
@@ -68,13 +69,8 @@ fn ask(options: &CtlOptions) -> Result<String, CtlError> {
         source,
     })?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let request = match &options.request {
-        Request::List => json!({"command": "list"}),
-        Request::Stats => json!({"command": "stats"}),
-        Request::Close(ident) => json!({"command": "close", "ident": ident}),
-    };
     let mut writer = &stream;
-    writeln!(writer, "{request}")?;
+    writer.write_all(options.request.to_line().as_bytes())?;
     let mut reply = String::new();
     BufReader::new(&stream).read_line(&mut reply)?;
     if reply.is_empty() {
@@ -83,15 +79,14 @@ fn ask(options: &CtlOptions) -> Result<String, CtlError> {
     Ok(reply)
 }
 
-fn print_list(value: &Value, out: &mut dyn Write) -> Result<(), CtlError> {
-    let connections: Vec<ConnectionReport> = serde_json::from_value(value["connections"].clone())
-        .map_err(|e| CtlError::Reply(e.to_string()))?;
+fn print_list(list: &ListReply, out: &mut dyn Write) -> Result<(), CtlError> {
+    let connections = &list.connections;
     writeln!(
         out,
         "{:<16}  {:<22}  {:>9}  {:>8}  {:>12}  {:>12}  targets",
         "ident", "peer", "age", "idle", "received", "sent"
     )?;
-    for c in &connections {
+    for c in connections {
         let targets: Vec<String> = c
             .targets
             .iter()
@@ -118,9 +113,8 @@ fn print_list(value: &Value, out: &mut dyn Write) -> Result<(), CtlError> {
     Ok(())
 }
 
-fn print_stats(value: &Value, out: &mut dyn Write) -> Result<(), CtlError> {
-    let s: Snapshot = serde_json::from_value(value["stats"].clone())
-        .map_err(|e| CtlError::Reply(e.to_string()))?;
+fn print_stats(reply: &StatsReply, out: &mut dyn Write) -> Result<(), CtlError> {
+    let s = &reply.stats;
     writeln!(out, "connections open       {}", s.connections_open)?;
     writeln!(out, "connections total      {}", s.connections_total)?;
     writeln!(out, "connections refused    {}", s.connections_refused)?;
@@ -130,7 +124,9 @@ fn print_stats(value: &Value, out: &mut dyn Write) -> Result<(), CtlError> {
         .map(|(cause, n)| format!("{} {n}", cause.label()))
         .collect();
     writeln!(out, "refused by cause       {}", causes.join(", "))?;
-    let targets: Vec<usize> = serde_json::from_value(value["targets"].clone()).unwrap_or_default();
+    let sides = s.bytes_received.len();
+    let targets = reply.targets.iter().map(|&n| usize::from(n));
+    let targets = targets.filter(|&side| (1..sides).contains(&side));
     for side in std::iter::once(0).chain(targets) {
         let name = match side {
             0 => "device".to_string(),
@@ -155,5 +151,12 @@ fn print_stats(value: &Value, out: &mut dyn Write) -> Result<(), CtlError> {
     writeln!(out, "messages written       {}", s.messages_written)?;
     writeln!(out, "writer queue depth     {}", s.writer_queue_depth)?;
     writeln!(out, "write errors           {}", s.write_errors)?;
+    Ok(())
+}
+
+fn print_closed(closed: &ClosedDeviceReply, out: &mut dyn Write) -> Result<(), CtlError> {
+    for ident in &closed.closed {
+        writeln!(out, "closed {ident}")?;
+    }
     Ok(())
 }

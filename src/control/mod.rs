@@ -1,8 +1,10 @@
 //! Talking to a running daemon: the control socket's [`server`] thread and
-//! its [`client`] (`proxy-channel ctl`), the per-thread [`stats`] counters
-//! they report, and the Prometheus [`metrics`] file written from them.
+//! its [`client`] (`proxy-channel ctl`), which speak the [`protocol`]; the
+//! per-thread [`stats`] counters they report, and the Prometheus
+//! [`metrics`] file written from them.
 
 pub mod client;
 pub mod metrics;
+pub mod protocol;
 pub mod server;
 pub mod stats;

@@ -2,12 +2,21 @@
 //! Prometheus metrics file, and a one-line summary in the log each minute.
 //!
 //! One thread with one mio poll serves every client (no thread per client).
-//! The protocol is JSON Lines: a request `{"command":"list"}`,
-//! `{"command":"close","ident":"..."}` or `{"command":"stats"}` gets one
-//! reply line, `{"ok":true,...}` or `{"ok":false,"error":"..."}`. A request
-//! that is not JSON, unknown, or longer than 64 KiB gets an error reply; it
-//! never stops the daemon. Listing and closing ask every worker over its
-//! command channel and wait briefly for the answers.
+//! Requests and replies are JSON lines of the
+//! [`protocol`](crate::control::protocol): each request line gets one reply
+//! line. A request that is not JSON, unknown, or longer than
+//! [`MAX_REQUEST`] gets an error reply; it never stops the daemon. Listing
+//! and closing ask every worker over its command channel and wait briefly
+//! for the answers (`Control::ask_workers`).
+//!
+//! Bounds per client: a client is not read from while replies wait for it
+//! to read them (the kernel's socket buffer is full), so it holds at most
+//! one read of requests ([`MAX_REQUEST`] and a bit); answering those stops,
+//! and the client is dropped, once more than [`MAX_UNREAD`] of its replies
+//! wait. One reply may be larger (a `list` of many connections): it is
+//! queued whole, as it is the answer to a request the client may read.
+//! A client gets [`ROUNDS_PER_WAKE`] reads per turn, so that one that
+//! keeps sending cannot starve the others.
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -22,23 +31,28 @@ use crossbeam_channel::Sender;
 use log::{error, info, warn};
 use mio::net::{UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
-use serde::Deserialize;
-use serde_json::{Value, json};
 use slab::Slab;
 
 use crate::control::metrics;
+use crate::control::protocol::{
+    ClosedDeviceReply, ClosedReply, LineReader, ListReply, MAX_REQUEST, Reply, Request, StatsReply,
+    TooLong, parse_ident,
+};
 use crate::control::stats::{Registry, Snapshot};
 use crate::net::connection::ConnectionReport;
 use crate::net::worker::{Command, WorkerHandle};
 use crate::store::journal::StoreCommand;
-use crate::store::message::Ident;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX);
-/// A request line longer than this is refused.
-pub const MAX_REQUEST: usize = 64 * 1024;
 const WORKER_ANSWER_WAIT: Duration = Duration::from_secs(2);
 const SUMMARY_EVERY: Duration = Duration::from_secs(60);
+/// Replies a client may leave unread; past this it is dropped (SPEC,
+/// Security).
+pub const MAX_UNREAD: usize = 1 << 20;
+/// Reads (each up to [`MAX_REQUEST`] and its answers) for one client before
+/// the others' turn.
+pub const ROUNDS_PER_WAKE: usize = 16;
 
 /// Binds the control socket with mode 0600. A socket file left by a killed
 /// daemon is replaced; one a live daemon answers on is an error.
@@ -100,10 +114,33 @@ impl ControlHandle {
 
 struct Client {
     stream: UnixStream,
-    input: Vec<u8>,
+    input: LineReader,
+    /// Replies the socket has not taken yet.
     output: Vec<u8>,
-    /// Close once the output is written.
+    /// No more requests (the client has finished, or sent an overlong
+    /// one): close once the output is written.
     closing: bool,
+}
+
+/// What one read of a client's socket ended on.
+enum ReadEnd {
+    /// Nothing more to read for now.
+    Waiting,
+    /// [`MAX_REQUEST`] bytes are held; there may be more.
+    Full,
+    /// The client has finished sending.
+    Ended,
+    Failed,
+}
+
+/// What to do with a client after one round.
+enum Round {
+    /// Wait for its next event (more requests, or room for its replies).
+    Wait,
+    /// Go on: it may have more to read.
+    More,
+    /// Close it: done, failed, or dropped.
+    Close,
 }
 
 pub struct Control {
@@ -117,12 +154,8 @@ pub struct Control {
     metrics: Option<(PathBuf, Duration)>,
     stop: Arc<AtomicBool>,
     last_summary: Snapshot,
-}
-
-#[derive(Deserialize)]
-struct Request {
-    command: String,
-    ident: Option<String>,
+    /// Clients whose turn ended with more to read.
+    again: Vec<usize>,
 }
 
 impl Control {
@@ -146,6 +179,7 @@ impl Control {
             metrics: setup.metrics,
             stop: Arc::clone(&stop),
             last_summary: Snapshot::default(),
+            again: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("control".into())
@@ -162,7 +196,10 @@ impl Control {
                 Some(_) => next_metrics.min(next_summary),
                 None => next_summary,
             };
-            let timeout = next.saturating_duration_since(Instant::now());
+            let timeout = match self.again.is_empty() {
+                true => next.saturating_duration_since(Instant::now()),
+                false => Duration::ZERO,
+            };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     error!("control: poll failed: {e}");
@@ -181,6 +218,9 @@ impl Control {
                     WAKER => {}
                     Token(slot) => self.serve(slot),
                 }
+            }
+            for slot in std::mem::take(&mut self.again) {
+                self.serve(slot);
             }
             let now = Instant::now();
             if let Some((_, every)) = &self.metrics {
@@ -219,7 +259,7 @@ impl Control {
                     }
                     entry.insert(Client {
                         stream,
-                        input: Vec::new(),
+                        input: LineReader::default(),
                         output: Vec::new(),
                         closing: false,
                     });
@@ -234,118 +274,183 @@ impl Control {
         }
     }
 
-    /// Reads a client's requests, answers complete ones, writes replies.
+    /// Serves a client for one turn: rounds until it has nothing to read
+    /// or unread replies, at most [`ROUNDS_PER_WAKE`].
     fn serve(&mut self, slot: usize) {
-        let Some(client) = self.clients.get_mut(slot) else {
-            return;
-        };
-        let open = client.closing || read_input(client);
-        let mut requests = Vec::new();
-        while let Some(end) = client.input.iter().position(|&b| b == b'\n') {
-            requests.push(client.input.drain(..=end).collect::<Vec<u8>>());
-        }
-        if client.input.len() > MAX_REQUEST {
-            client.input.clear();
-            client.closing = true;
-            requests.push(Vec::new());
-        }
-        for request in requests {
-            let reply = match request.is_empty() {
-                true => error_reply(&format!("request longer than {MAX_REQUEST} bytes")),
-                false => self.answer(&request),
-            };
-            if let Some(client) = self.clients.get_mut(slot) {
-                client
-                    .output
-                    .extend_from_slice(reply.to_string().as_bytes());
-                client.output.push(b'\n');
+        for _ in 0..ROUNDS_PER_WAKE {
+            match self.serve_round(slot) {
+                Round::Wait => return,
+                Round::More => {}
+                Round::Close => return self.close_client(slot),
             }
         }
+        self.again.push(slot);
+    }
+
+    /// Writes the client's replies; once it has taken them all, reads its
+    /// requests (one [`ReadEnd`]) and answers the complete ones.
+    fn serve_round(&mut self, slot: usize) -> Round {
         let Some(client) = self.clients.get_mut(slot) else {
-            return;
+            return Round::Wait;
         };
-        client.closing |= !open;
-        let flushed = write_output(client);
-        if !flushed || (client.closing && client.output.is_empty()) {
-            let mut client = self.clients.remove(slot);
+        if !write_output(client) {
+            return Round::Close;
+        }
+        if !client.output.is_empty() {
+            // Not read from again until it reads its replies.
+            return Round::Wait;
+        }
+        if client.closing {
+            return Round::Close;
+        }
+        let read = read_input(client);
+        if matches!(read, ReadEnd::Failed) {
+            return Round::Close;
+        }
+        client.closing = matches!(read, ReadEnd::Ended);
+        for line in client.input.take_lines() {
+            if !self.reply(slot, &line) {
+                return Round::Close;
+            }
+        }
+        match read {
+            ReadEnd::Waiting => Round::Wait,
+            // Full: read on; Ended: write the replies, then close.
+            ReadEnd::Full | ReadEnd::Ended | ReadEnd::Failed => Round::More,
+        }
+    }
+
+    /// Answers one request line of a client and queues the reply; false if
+    /// the client is to be dropped: more than [`MAX_UNREAD`] of its replies
+    /// wait already, or its socket failed.
+    fn reply(&mut self, slot: usize, line: &Result<Vec<u8>, TooLong>) -> bool {
+        let unread = self.clients.get(slot).map_or(0, |c| c.output.len());
+        if unread > MAX_UNREAD {
+            warn!(
+                "control: a client left {unread} bytes of replies unread and sent more \
+                 requests; it is dropped"
+            );
+            return false;
+        }
+        let reply = match line {
+            Ok(request) => self.answer(request),
+            Err(too_long) => Reply::Refused(too_long.to_string()),
+        };
+        let Some(client) = self.clients.get_mut(slot) else {
+            return false;
+        };
+        client.closing |= line.is_err();
+        client.output.extend_from_slice(reply.to_line().as_bytes());
+        write_output(client)
+    }
+
+    fn close_client(&mut self, slot: usize) {
+        if let Some(mut client) = self.clients.try_remove(slot) {
             // The client is dropped (closed) right after.
             let _ = self.poll.registry().deregister(&mut client.stream);
         }
     }
 
-    fn answer(&self, line: &[u8]) -> Value {
-        let request: Request = match serde_json::from_slice(line) {
-            Ok(request) => request,
-            Err(e) => return error_reply(&format!("not a request: {e}")),
-        };
-        match (request.command.as_str(), request.ident) {
-            ("list", _) => match self.list() {
-                Ok(connections) => json!({"ok": true, "connections": connections}),
-                Err(why) => error_reply(&why),
+    fn answer(&self, line: &[u8]) -> Reply {
+        match Request::parse(line) {
+            Ok(Request::List) => match self.list() {
+                Ok(connections) => Reply::List(ListReply { connections }),
+                Err(busy) => Reply::Refused(busy.to_string()),
             },
-            ("stats", _) => json!({"ok": true, "stats": self.snapshot(), "targets": self.targets}),
-            ("close", Some(ident)) => self.close(&ident),
-            ("close", None) => error_reply("close needs an ident"),
-            (other, _) => error_reply(&format!(
-                "unknown command {other:?}: expected list, close or stats"
-            )),
+            Ok(Request::Stats) => Reply::Stats(Box::new(StatsReply {
+                stats: self.snapshot(),
+                targets: self.targets.clone(),
+            })),
+            Ok(Request::Close(ident)) => self.close(&ident),
+            Ok(Request::CloseDevice(device)) => self.close_device(&device),
+            Err(e) => Reply::Refused(e.to_string()),
         }
     }
 
-    /// Every worker's connections; an error if a worker did not answer in
-    /// time (it is waiting for the message writer: a full disk?).
-    fn list(&self) -> Result<Vec<ConnectionReport>, String> {
+    /// Sends every worker the command `ask` makes around a reply channel;
+    /// the answers come from [`Asked`].
+    fn ask_workers<T>(&self, ask: impl Fn(Sender<T>) -> Command) -> Asked<T> {
         let (reply, answers) = crossbeam_channel::unbounded();
         let asked = self
             .workers
             .iter()
-            .filter(|w| {
-                w.send(Command::List {
-                    reply: reply.clone(),
-                })
-            })
+            .filter(|w| w.send(ask(reply.clone())))
             .count();
-        let deadline = Instant::now() + WORKER_ANSWER_WAIT;
-        let mut all = Vec::new();
-        for answered in 0..asked {
-            match answers.recv_deadline(deadline) {
-                Ok(reports) => all.extend(reports),
-                Err(_) => return Err(busy_workers(asked - answered, asked)),
-            }
+        Asked {
+            answers,
+            asked,
+            answered: 0,
+            deadline: Instant::now() + WORKER_ANSWER_WAIT,
         }
-        all.sort_by(|a: &ConnectionReport, b| b.age_seconds.total_cmp(&a.age_seconds));
+    }
+
+    /// Every worker's connections, oldest first; an error if a worker did
+    /// not answer in time (it is waiting for the message writer: a full
+    /// disk?).
+    fn list(&self) -> Result<Vec<ConnectionReport>, Busy> {
+        let answers = self.ask_workers(|reply| Command::List { reply }).all()?;
+        let mut all: Vec<ConnectionReport> = answers.into_iter().flatten().collect();
+        all.sort_by(|a, b| b.age_seconds.total_cmp(&a.age_seconds));
         Ok(all)
     }
 
-    fn close(&self, ident: &str) -> Value {
-        let Some(parsed) = parse_ident(ident) else {
-            return error_reply(&format!("{ident:?} is not an ident (16 hex characters)"));
+    fn close(&self, ident: &str) -> Reply {
+        match self.close_one(ident) {
+            Ok(true) => Reply::Closed(ClosedReply {
+                closed: ident.to_string(),
+            }),
+            Ok(false) => Reply::Refused(format!("no open connection with ident {ident}")),
+            Err(why) => Reply::Refused(why),
+        }
+    }
+
+    /// Closes every open connection whose device ident is `device`.
+    fn close_device(&self, device: &str) -> Reply {
+        let connections = match self.list() {
+            Ok(connections) => connections,
+            Err(busy) => return Reply::Refused(busy.to_string()),
         };
-        let (reply, answers) = crossbeam_channel::unbounded();
-        let asked = self
-            .workers
-            .iter()
-            .filter(|w| {
-                w.send(Command::Close {
-                    ident: parsed,
-                    reply: reply.clone(),
-                })
-            })
-            .count();
-        let deadline = Instant::now() + WORKER_ANSWER_WAIT;
-        for answered in 0..asked {
-            match answers.recv_deadline(deadline) {
-                Ok(true) => return json!({"ok": true, "closed": ident}),
+        let of_device = connections
+            .into_iter()
+            .filter(|c| c.device.as_deref() == Some(device));
+        let mut closed = Vec::new();
+        for connection in of_device {
+            match self.close_one(&connection.ident) {
+                Ok(true) => closed.push(connection.ident),
+                // Ended between the list and the close.
                 Ok(false) => {}
-                Err(_) => {
-                    let busy = busy_workers(asked - answered, asked);
-                    return error_reply(&format!(
-                        "{busy}; the close is queued and may still happen"
-                    ));
+                Err(why) => return Reply::Refused(why),
+            }
+        }
+        match closed.is_empty() {
+            true => Reply::Refused(format!("no connection of device {device}")),
+            false => Reply::ClosedDevice(ClosedDeviceReply {
+                device: device.to_string(),
+                closed,
+            }),
+        }
+    }
+
+    /// Asks the workers to close `ident`: whether one had it, or why it
+    /// is not known.
+    fn close_one(&self, ident: &str) -> Result<bool, String> {
+        let Some(parsed) = parse_ident(ident) else {
+            return Err(format!("{ident:?} is not an ident (16 hex characters)"));
+        };
+        let mut answers = self.ask_workers(|reply| Command::Close {
+            ident: parsed,
+            reply,
+        });
+        while let Some(answer) = answers.next() {
+            match answer {
+                Ok(true) => return Ok(true),
+                Ok(false) => {}
+                Err(busy) => {
+                    return Err(format!("{busy}; the close is queued and may still happen"));
                 }
             }
         }
-        error_reply(&format!("no open connection with ident {ident}"))
+        Ok(false)
     }
 
     fn write_metrics(&self) {
@@ -387,47 +492,71 @@ impl Control {
     }
 }
 
-/// An ident as the messages write it: exactly 16 hex digits (lowercase;
-/// uppercase is taken too, as `ctl close` always was), nothing else, not
-/// even the sign `u64::from_str_radix` would allow.
-fn parse_ident(text: &str) -> Option<Ident> {
-    if text.len() != 16 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    u64::from_str_radix(text, 16).ok().map(Ident)
+/// The answers of the workers asked by [`Control::ask_workers`], as they
+/// come, until each has answered or [`WORKER_ANSWER_WAIT`] has passed.
+struct Asked<T> {
+    answers: crossbeam_channel::Receiver<T>,
+    asked: usize,
+    answered: usize,
+    deadline: Instant,
 }
 
-fn busy_workers(silent: usize, asked: usize) -> String {
-    format!(
-        "{silent} of {asked} workers did not answer within {}s (are they waiting for the \
-         message writer? see the log, and `ctl stats` for write errors)",
-        WORKER_ANSWER_WAIT.as_secs()
-    )
+impl<T> Asked<T> {
+    /// The next answer; `None` once every worker has answered.
+    fn next(&mut self) -> Option<Result<T, Busy>> {
+        if self.answered == self.asked {
+            return None;
+        }
+        let answer = self.answers.recv_deadline(self.deadline).map_err(|_| Busy {
+            silent: self.asked - self.answered,
+            asked: self.asked,
+        });
+        self.answered += 1;
+        Some(answer)
+    }
+
+    /// Every answer, or why not.
+    fn all(mut self) -> Result<Vec<T>, Busy> {
+        let mut all = Vec::with_capacity(self.asked);
+        while let Some(answer) = self.next() {
+            all.push(answer?);
+        }
+        Ok(all)
+    }
+}
+
+/// Workers that did not answer in time.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{silent} of {asked} workers did not answer within {}s (are they waiting for the \
+     message writer? see the log, and `ctl stats` for write errors)",
+    WORKER_ANSWER_WAIT.as_secs()
+)]
+struct Busy {
+    silent: usize,
+    asked: usize,
 }
 
 fn count_drops(snapshot: &Snapshot) -> u64 {
     snapshot.drops.iter().flatten().sum()
 }
 
-fn error_reply(why: &str) -> Value {
-    json!({"ok": false, "error": why})
-}
-
-/// Reads what the client sent; false once it has closed or failed.
-fn read_input(client: &mut Client) -> bool {
+/// Reads what the client sent until nothing more is waiting or
+/// [`MAX_REQUEST`] bytes are held.
+fn read_input(client: &mut Client) -> ReadEnd {
     let mut buffer = [0u8; 4096];
     loop {
         match client.stream.read(&mut buffer) {
-            Ok(0) => return false,
+            Ok(0) => return ReadEnd::Ended,
             Ok(n) => {
-                client.input.extend_from_slice(&buffer[..n]);
-                if client.input.len() > MAX_REQUEST {
-                    return true;
+                client.input.push(&buffer[..n]);
+                if client.input.held() > MAX_REQUEST {
+                    return ReadEnd::Full;
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadEnd::Waiting,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return false,
+            Err(_) => return ReadEnd::Failed,
         }
     }
 }
@@ -446,31 +575,4 @@ fn write_output(client: &mut Client) -> bool {
         }
     }
     true
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_ident_is_exactly_sixteen_hex_digits() {
-        assert_eq!(
-            parse_ident("0123456789abcdef"),
-            Some(Ident(0x0123_4567_89ab_cdef))
-        );
-        assert_eq!(parse_ident("FFFFFFFFFFFFFFFF"), Some(Ident(u64::MAX)));
-        for bad in [
-            "+fffffffffffffff",
-            "-fffffffffffffff",
-            " fffffffffffffff",
-            "0x0123456789abcd",
-            "0123456789abcdeg",
-            "0123456789abcde",
-            "0123456789abcdef0",
-            "",
-            "０123456789abcd",
-        ] {
-            assert_eq!(parse_ident(bad), None, "{bad:?}");
-        }
-    }
 }

@@ -9,6 +9,9 @@ use super::Connection;
 pub struct ConnectionReport {
     pub ident: String,
     pub peer: String,
+    /// The device's ident, once recognised (none yet: always `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
     pub age_seconds: f64,
     pub idle_seconds: f64,
     /// Bytes received from the device.
@@ -55,6 +58,7 @@ impl Connection {
         ConnectionReport {
             ident: self.origin.ident.to_string(),
             peer: self.origin.peer.to_string(),
+            device: None,
             age_seconds: now.duration_since(self.opened_at).as_secs_f64(),
             idle_seconds: now.duration_since(self.last_activity).as_secs_f64(),
             bytes_received: self.device.received,
