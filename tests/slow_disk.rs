@@ -24,7 +24,7 @@ const CHUNKS: usize = 1000;
 
 #[test]
 fn rotations_on_a_slow_disk_do_not_hold_traffic_up() {
-    if !require(Need::ThrottledLoopDevice, "a slow disk") {
+    if !require(Need::ThrottledLoopDevice, "make a slow disk") {
         return;
     }
     let disk = SlowDisk::mount(4_000_000);

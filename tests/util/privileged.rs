@@ -55,7 +55,8 @@ pub fn require(need: Need, why: &str) -> bool {
         None => true,
         Some(missing) => {
             skip(&format!(
-                "{missing} ({why}); set {PRIVILEGED_VAR}=1 to require it"
+                "{} ({why}){}; set {PRIVILEGED_VAR}=1 to require it",
+                missing.needs, missing.detail
             ));
             false
         }
@@ -83,47 +84,70 @@ fn provide(need: Need, why: &str) {
         Need::Root | Need::ThrottledLoopDevice => {
             if let Some(missing) = missing(need) {
                 panic!(
-                    "{} {missing} ({why}), and {PRIVILEGED_VAR}=1 requires it to run",
-                    test_name()
+                    "{} {} ({why}){}, and {PRIVILEGED_VAR}=1 requires it to run",
+                    test_name(),
+                    missing.needs,
+                    missing.detail
                 );
             }
         }
     }
 }
 
-/// What of `need` this machine lacks, as "needs ...", or None.
-fn missing(need: Need) -> Option<String> {
-    match need {
-        Need::Root => (!is_root()).then(|| "needs root".to_string()),
-        Need::ThrottledLoopDevice => missing_throttled_loop_device(),
-        Need::Haproxy => find_program("haproxy")
-            .is_none()
-            .then(|| "needs haproxy (apt-get install haproxy)".to_string()),
-        Need::PrometheusClient => (!prometheus_client_importable()).then(|| {
-            "needs python3 with prometheus-client (pip install prometheus-client, or \
-             apt-get install python3-prometheus-client)"
-                .to_string()
-        }),
+/// What a test needs and this machine lacks.
+struct Missing {
+    /// "needs root", "needs haproxy", ...
+    needs: &'static str,
+    /// What exactly is missing or how to get it, starting "; ", or empty.
+    detail: String,
+}
+
+impl Missing {
+    fn new(needs: &'static str, detail: &str) -> Option<Missing> {
+        let detail = if detail.is_empty() {
+            String::new()
+        } else {
+            format!("; {detail}")
+        };
+        Some(Missing { needs, detail })
     }
 }
 
-fn missing_throttled_loop_device() -> Option<String> {
-    if !is_root() {
-        return Some("needs root, a loop device and cgroup v1 blkio".to_string());
+/// What of `need` this machine lacks, or None.
+fn missing(need: Need) -> Option<Missing> {
+    match need {
+        Need::Root if !is_root() => Missing::new("needs root", ""),
+        Need::ThrottledLoopDevice => missing_throttled_loop_device(),
+        Need::Haproxy if find_program("haproxy").is_none() => {
+            Missing::new("needs haproxy", "apt-get install haproxy")
+        }
+        Need::PrometheusClient if !prometheus_client_importable() => Missing::new(
+            "needs python3 with prometheus-client",
+            "pip install prometheus-client, or apt-get install python3-prometheus-client",
+        ),
+        _ => None,
     }
-    let tools_found = ["losetup", "mkfs.ext4"]
+}
+
+fn missing_throttled_loop_device() -> Option<Missing> {
+    const NEEDS: &str = "needs root, a loop device and cgroup v1 blkio";
+    if !is_root() {
+        return Missing::new(NEEDS, "not root");
+    }
+    if ["losetup", "mkfs.ext4"]
         .iter()
-        .all(|tool| find_program(tool).is_some());
-    if !tools_found {
-        return Some("needs losetup and mkfs.ext4 (apt-get install mount e2fsprogs)".to_string());
+        .any(|tool| find_program(tool).is_none())
+    {
+        return Missing::new(NEEDS, "apt-get install mount e2fsprogs");
     }
     if !Path::new("/dev/loop-control").exists() {
-        return Some("needs a loop device (there is no /dev/loop-control)".to_string());
+        return Missing::new(NEEDS, "there is no /dev/loop-control");
     }
     if !Path::new(WRITE_THROTTLE).exists() {
-        return Some(format!(
-            "needs cgroup v1 blkio (there is no {WRITE_THROTTLE}; cgroup v2 has none)"
-        ));
+        return Missing::new(
+            NEEDS,
+            &format!("there is no {WRITE_THROTTLE} (cgroup v2 has none)"),
+        );
     }
     None
 }
