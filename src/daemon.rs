@@ -214,9 +214,12 @@ fn bind_control_socket(
 fn log_descriptor_room(config: &Config) {
     match limits::raise_open_file_limit() {
         Ok(descriptors) => info!(
-            "open-file limit {descriptors}: room for about {} devices with {} targets each",
+            "open-file limit {descriptors}: room for about {} devices with {} each",
             limits::devices_allowed(descriptors, config.targets.len()),
-            config.targets.len()
+            match config.targets.len() {
+                1 => "1 target".to_string(),
+                n => format!("{n} targets"),
+            }
         ),
         Err(e) => warn!("cannot raise the open-file limit: {e}"),
     }
