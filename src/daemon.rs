@@ -150,10 +150,10 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         counters: Arc::clone(&registry.acceptor),
     })?;
     info!(
-        "proxy-channel {} running: {} workers, {} targets, store {}",
+        "proxy-channel {} running: {}, {}, store {}",
         env!("CARGO_PKG_VERSION"),
-        config.workers,
-        config.targets.len(),
+        counted(config.workers, "worker"),
+        counted(config.targets.len(), "target"),
         if config.store { "on" } else { "off" }
     );
 
@@ -210,12 +210,21 @@ fn bind_control_socket(
     Ok(Some((path.clone(), listener)))
 }
 
+/// "1 target", "2 targets", "0 targets": a count and its noun for the log.
+fn counted(count: usize, noun: &str) -> String {
+    if count == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{count} {noun}s")
+    }
+}
+
 fn log_descriptor_room(config: &Config) {
     match limits::raise_open_file_limit() {
         Ok(descriptors) => info!(
-            "open-file limit {descriptors}: room for about {} devices with {} targets each",
+            "open-file limit {descriptors}: room for about {} devices with {} each",
             limits::devices_allowed(descriptors, config.targets.len()),
-            config.targets.len()
+            counted(config.targets.len(), "target")
         ),
         Err(e) => warn!("cannot raise the open-file limit: {e}"),
     }

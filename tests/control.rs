@@ -125,6 +125,9 @@ fn assert_listed(entry: &Value, peer: &Peer, ident: &str) {
 
 #[test]
 fn fifty_devices_through_two_targets_are_listed_closed_and_counted_exactly() {
+    if !require(Need::PrometheusClient, "parse the metrics file") {
+        return;
+    }
     let targets = [
         Target::start(Behaviour::Reply { tag: 1 }),
         Target::start(Behaviour::Reply { tag: 2 }),
@@ -577,6 +580,9 @@ fn garbage_and_oversized_requests_get_an_error_and_the_daemon_goes_on() {
 
 #[test]
 fn another_user_cannot_use_the_socket() {
+    if !require(Need::Root, "run ctl as the user nobody") {
+        return;
+    }
     let daemon = Daemon::start_with_control(&[]);
     let socket = daemon.control_socket();
     let metadata = fs::metadata(&socket).expect("the control socket");
@@ -717,6 +723,9 @@ fn a_stale_socket_is_replaced_a_live_one_refused_and_off_means_none() {
 /// connection must not say there is none (and then close it anyway).
 #[test]
 fn ctl_list_and_close_do_not_give_wrong_answers_while_the_disk_is_full() {
+    if !require(Need::Root, "mount a tmpfs to fill") {
+        return;
+    }
     let disk = Tmpfs::mount("4m");
     let socket = disk.control_socket();
     let daemon = disk.start_daemon();

@@ -24,6 +24,9 @@ const CHUNKS: usize = 1000;
 
 #[test]
 fn rotations_on_a_slow_disk_do_not_hold_traffic_up() {
+    if !require(Need::ThrottledLoopDevice, "make a slow disk") {
+        return;
+    }
     let disk = SlowDisk::mount(4_000_000);
     let target = TcpListener::bind("127.0.0.1:0").expect("bind the target");
     let target_addr = target.local_addr().expect("target address");

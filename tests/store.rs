@@ -446,6 +446,9 @@ fn kill_9_under_load_then_a_restart_appends_cleanly_after_the_cut_line() {
 
 #[test]
 fn a_full_disk_is_logged_and_retried_and_nothing_is_lost_once_there_is_room() {
+    if !require(Need::Root, "mount a tmpfs to fill") {
+        return;
+    }
     let disk = Tmpfs::mount("4m");
     let socket = disk.control_socket();
     let mut daemon = disk.start_daemon();
@@ -610,6 +613,9 @@ fn a_refused_second_daemon_deletes_none_of_the_live_ones_files() {
 /// with status 1 (not 0) instead of hanging.
 #[test]
 fn sigterm_on_a_full_disk_exits_after_a_grace_period_and_says_what_was_lost() {
+    if !require(Need::Root, "mount a tmpfs to fill") {
+        return;
+    }
     let disk = Tmpfs::mount("4m");
     let mut daemon = Daemon::start_in(disk.path(), &[("PROXY_CONTROL_SOCKET", "off")]);
     let (_filler, _) = disk.fill("filler.bin");
@@ -642,6 +648,9 @@ fn sigterm_on_a_full_disk_exits_after_a_grace_period_and_says_what_was_lost() {
 /// grace (plus at most one retry backoff), with status 1.
 #[test]
 fn sighup_while_the_writer_is_stuck_does_not_block_sigterm() {
+    if !require(Need::Root, "mount a tmpfs to fill") {
+        return;
+    }
     let disk = Tmpfs::mount("4m");
     let socket = disk.control_socket();
     let mut daemon = disk.start_daemon();

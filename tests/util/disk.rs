@@ -1,6 +1,7 @@
 //! Disks for the store's tests: a small tmpfs to fill up (write failures)
-//! and a slow disk (a throttled loop device). Both need root (the tests run
-//! as root, here and in CI) and are unmounted when dropped.
+//! and a slow disk (a throttled loop device). Both need root, so a test
+//! using them starts with its `require` guard (`Need::Root`,
+//! `Need::ThrottledLoopDevice`); both are unmounted when dropped.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -93,7 +94,7 @@ impl Drop for Tmpfs {
 }
 
 /// Where cgroup v1 throttles writes to a block device for every task.
-const WRITE_THROTTLE: &str = "/sys/fs/cgroup/blkio/blkio.throttle.write_bps_device";
+pub const WRITE_THROTTLE: &str = "/sys/fs/cgroup/blkio/blkio.throttle.write_bps_device";
 
 /// A slow disk: ext4 on a loop device whose writes the kernel throttles
 /// (cgroup v1 blkio, for every task) to a given rate, like an SD card.

@@ -12,8 +12,10 @@
 //! socket, the metrics parser), `messages` (the message files),
 //! `device` (device clients), `load` (many devices at a steady pace),
 //! `target` (target servers), `sockets` (socket options and a refusing
-//! port), `disk` (a tmpfs to fill up, a slow disk) and `install` (haproxy
-//! and prometheus-client, installed when missing).
+//! port), `disk` (a tmpfs to fill up, a slow disk), `install` (haproxy
+//! and prometheus-client, installed when missing in a privileged run) and
+//! `privileged` (`require`: the guard of a test that needs root, a loop
+//! device, cgroup v1 or a package, which skips it for a normal user).
 #![allow(dead_code)] // each test file uses its own subset of the helpers
 
 mod control;
@@ -23,6 +25,7 @@ mod disk;
 mod install;
 mod load;
 mod messages;
+mod privileged;
 mod sockets;
 mod target;
 
@@ -41,6 +44,8 @@ pub use install::*;
 pub use load::*;
 #[allow(unused_imports)]
 pub use messages::*;
+#[allow(unused_imports)]
+pub use privileged::*;
 #[allow(unused_imports)]
 pub use sockets::*;
 #[allow(unused_imports)]
