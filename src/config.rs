@@ -12,6 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::device::DetectorSet;
 use crate::net::allow::AllowList;
 use crate::units::{parse_bool, parse_duration, parse_size};
 
@@ -321,9 +322,26 @@ impl Config {
         self.targets.iter().find(|t| t.number == number)
     }
 
+    /// The device detectors these settings ask for (checked when parsed).
+    pub fn detectors(&self) -> Result<DetectorSet, ConfigError> {
+        let names = match &self.device_ident {
+            DeviceIdent::Off => "off".to_string(),
+            DeviceIdent::Auto => "auto".to_string(),
+            DeviceIdent::Only(names) => names.join(","),
+        };
+        DetectorSet::parse(&names, self.device_ident_regex.as_deref()).map_err(|e| {
+            let value = match e.variable() {
+                "PROXY_DEVICE_IDENT_REGEX" => self.device_ident_regex.clone().unwrap_or_default(),
+                _ => names.clone(),
+            };
+            invalid(e.variable(), &value, &e.to_string())
+        })
+    }
+
     /// Rules between variables: a device list needs detection, catch-up
     /// needs the message files and a target that may fail alone.
     fn check_combinations(&self) -> Result<(), ConfigError> {
+        self.detectors()?;
         for target in &self.targets {
             let n = target.number;
             if let Some(path) = &target.devices {
