@@ -59,13 +59,18 @@ pub struct StoreError {
     pub source: io::Error,
 }
 
+/// Where and how the writer keeps its files. A `None` limit is no limit
+/// (the SPEC's `0`): never a reason to rotate or to delete.
 #[derive(Debug, Clone)]
 pub struct StoreSettings {
     pub dir: PathBuf,
     pub rotate_size: u64,
-    pub rotate_interval: Duration,
-    pub retain_files: usize,
-    pub retain_age: Duration,
+    /// `None`: no rotation by age.
+    pub rotate_interval: Option<Duration>,
+    /// `None`: rotated files are not deleted for their number.
+    pub retain_files: Option<usize>,
+    /// `None`: rotated files are not deleted for their age.
+    pub retain_age: Option<Duration>,
 }
 
 impl StoreSettings {
@@ -73,9 +78,10 @@ impl StoreSettings {
         StoreSettings {
             dir: config.data_dir.clone(),
             rotate_size: config.rotate_size,
-            rotate_interval: config.rotate_interval,
-            retain_files: config.retain_files,
-            retain_age: config.retain_age,
+            rotate_interval: Some(config.rotate_interval),
+            // PROXY_RETAIN_FILES=0 is no limit, never "keep nothing".
+            retain_files: (config.retain_files > 0).then_some(config.retain_files),
+            retain_age: Some(config.retain_age),
         }
     }
 }
@@ -282,13 +288,15 @@ impl Store {
         if self.rotate_retry_at.is_some_and(|at| Instant::now() < at) {
             return;
         }
-        if self.current.size >= self.settings.rotate_size {
-            self.rotate("size");
-        } else if self.current.size > 0 {
-            let age = self.current.opened_at.elapsed().unwrap_or_default();
-            if age >= self.settings.rotate_interval {
-                self.rotate("interval");
-            }
+        let age = self.current.opened_at.elapsed().unwrap_or_default();
+        let due = rotation::rotation_due(
+            self.current.size,
+            age,
+            self.settings.rotate_size,
+            self.settings.rotate_interval,
+        );
+        if let Some(why) = due {
+            self.rotate(why);
         }
     }
 
