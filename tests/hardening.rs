@@ -8,7 +8,10 @@
 
 mod util;
 
+use std::collections::HashSet;
 use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 
 use util::*;
 
@@ -77,4 +80,86 @@ fn device_bytes_of(log: &MessageLog, peer: &str) -> Vec<u8> {
         }
     }
     bytes
+}
+
+// ------------------------------------------------ the metrics file
+
+const METRICS: &str = "proxy_channel.prom";
+/// The name the temporary metrics file used to have.
+const OLD_TEMPORARY: &str = "proxy_channel.prom.tmp";
+
+/// Runs a daemon writing metrics into `dir`, where a symbolic link to
+/// `link_to` is planted at the old temporary name, until the metrics file
+/// has been replaced three times; checks that the link is still there as
+/// it was and that no other file was left in `dir`.
+fn metrics_beside_a_planted_link(dir: &Path, link_to: &str) {
+    let metrics = dir.join(METRICS);
+    let planted = dir.join(OLD_TEMPORARY);
+    std::os::unix::fs::symlink(dir.join(link_to), &planted).expect("plant the link");
+    let metrics_var = metrics.to_str().expect("a UTF-8 path").to_string();
+    let mut daemon = Daemon::start(&[
+        ("PROXY_METRICS_FILE", &metrics_var),
+        ("PROXY_METRICS_INTERVAL", "50ms"),
+    ]);
+    let mut versions = HashSet::new();
+    let replaced = poll_until(secs(10), || {
+        if let Ok(m) = fs::symlink_metadata(&metrics) {
+            versions.insert(m.ino());
+        }
+        versions.len() >= 3
+    });
+    daemon.stop();
+    assert!(
+        replaced,
+        "the metrics file was not replaced three times within 10 s; log:\n{}",
+        daemon.stderr_lines().join("\n")
+    );
+    let text = fs::read_to_string(&metrics).expect("the metrics file");
+    assert!(
+        text.contains("# TYPE proxy_channel_connections_open gauge\n"),
+        "{text}"
+    );
+    let target = fs::read_link(&planted).expect("the planted link is still a link");
+    assert_eq!(target, dir.join(link_to), "the planted link changed");
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .expect("list the folder")
+        .map(|e| {
+            e.expect("an entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    let mut expected = vec![link_to, METRICS, OLD_TEMPORARY];
+    expected.sort();
+    expected.retain(|name| *name != "created-elsewhere");
+    assert_eq!(names, expected, "files in the metrics folder");
+}
+
+/// Defect 3: a link planted at `<metrics>.tmp` to a message file got that
+/// file truncated and overwritten with metrics.
+#[test]
+fn the_metrics_file_never_writes_through_a_planted_link() {
+    const CONTENT: &str = "{\"a message file\":\"that must stay as it is\"}\n";
+    let dir = tempfile::tempdir().expect("a folder for the metrics");
+    let victim = dir.path().join("messages.jsonl");
+    fs::write(&victim, CONTENT).expect("write the victim");
+    metrics_beside_a_planted_link(dir.path(), "messages.jsonl");
+    assert_eq!(
+        fs::read_to_string(&victim).expect("the victim"),
+        CONTENT,
+        "the file behind the planted link changed"
+    );
+}
+
+/// A planted link to a name that does not exist creates nothing there.
+#[test]
+fn the_metrics_file_never_creates_a_file_through_a_planted_link() {
+    let dir = tempfile::tempdir().expect("a folder for the metrics");
+    metrics_beside_a_planted_link(dir.path(), "created-elsewhere");
+    assert!(
+        fs::symlink_metadata(dir.path().join("created-elsewhere")).is_err(),
+        "a file was created through the planted link"
+    );
 }
