@@ -10,8 +10,13 @@ mod util;
 
 use std::collections::HashSet;
 use std::fs;
-use std::os::unix::fs::MetadataExt;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
 
 use util::*;
 
@@ -161,5 +166,196 @@ fn the_metrics_file_never_creates_a_file_through_a_planted_link() {
     assert!(
         fs::symlink_metadata(dir.path().join("created-elsewhere")).is_err(),
         "a file was created through the planted link"
+    );
+}
+
+// ------------------------------------------------ file modes
+
+/// The daemon started by `sh -c 'umask U; exec proxy-channel'`, so that
+/// what it creates is created under that umask; its stderr is collected.
+/// Dropping it kills the process.
+struct UmaskDaemon {
+    child: Child,
+    addr: SocketAddr,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl UmaskDaemon {
+    fn start(umask: &str, vars: &[(&str, &str)]) -> UmaskDaemon {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(format!("umask {umask}; exec \"$0\""))
+            .arg(BIN);
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("PROXY_") {
+                command.env_remove(&name);
+            }
+        }
+        command
+            .env("RUST_LOG", "info")
+            .env("PROXY_LISTEN", "127.0.0.1:0");
+        command.envs(vars.iter().copied());
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start sh -c 'umask ..; exec proxy-channel'");
+        let pipe = child.stderr.take().expect("stderr pipe");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let lines = Arc::clone(&stderr);
+        // Ends when the daemon's stderr closes, i.e. when it exits.
+        thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let mut daemon = UmaskDaemon {
+            child,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            stderr,
+        };
+        let mut found = None;
+        poll_until(secs(15), || {
+            found = daemon.lines().iter().find_map(|line| {
+                let (_, rest) = line.split_once("] listening on ")?;
+                rest.trim().parse().ok()
+            });
+            found.is_some()
+        });
+        daemon.addr = found.unwrap_or_else(|| {
+            panic!(
+                "the daemon under umask {umask} did not listen within 15 s; stderr:\n{}",
+                daemon.lines().join("\n")
+            )
+        });
+        daemon
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn signal(&self, signal: i32) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill {pid}");
+    }
+
+    /// SIGTERM, and the exit status 0 within 10 s.
+    fn stop(&mut self) {
+        self.signal(libc::SIGTERM);
+        let mut status = None;
+        poll_until(secs(10), || {
+            status = self.child.try_wait().expect("try_wait");
+            status.is_some()
+        });
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "expected exit 0 within 10 s of SIGTERM, saw {status:?}; stderr:\n{}",
+            self.lines().join("\n")
+        );
+    }
+}
+
+impl Drop for UmaskDaemon {
+    fn drop(&mut self) {
+        // It may have exited already; either way it is gone after `wait`.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mode_of(path: &Path) -> u32 {
+    fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .mode()
+        & 0o7777
+}
+
+/// Defect 4: with a umask of 000 the folder was 0777 and the message files
+/// 0666, device payloads readable by every local user. Whatever the umask,
+/// the folder is created 0750 and the message files 0640 (rotated ones
+/// too), and the control socket is 0600.
+#[test]
+fn the_data_folder_is_0750_and_message_files_0640_whatever_the_umask() {
+    for umask in ["000", "077", "022"] {
+        let base = tempfile::tempdir().expect("a temporary folder");
+        let dir = base.path().join("not").join("yet");
+        let data_dir = dir.to_str().expect("a UTF-8 path");
+        let mut daemon = UmaskDaemon::start(umask, &[("PROXY_DATA_DIR", data_dir)]);
+        let mut device = Device::connect(daemon.addr);
+        device.send(b"a device payload");
+        let current = dir.join("messages.jsonl");
+        let hex_text = hex::encode(b"a device payload");
+        wait_until(secs(5), "the payload in the file", || {
+            fs::read_to_string(&current).is_ok_and(|t| t.contains(&hex_text))
+        });
+        daemon.signal(libc::SIGHUP);
+        wait_until(secs(5), "a rotated file", || rotated_files(&dir).len() == 1);
+        device.send(b"after the rotation");
+        let hex_text = hex::encode(b"after the rotation");
+        wait_until(secs(5), "a new current file", || {
+            fs::read_to_string(&current).is_ok_and(|t| t.contains(&hex_text))
+        });
+        daemon.stop();
+        let rotated = &rotated_files(&dir)[0];
+        let modes = [&dir, &current, rotated].map(|path| format!("{:o}", mode_of(path)));
+        assert_eq!(
+            modes,
+            ["750", "640", "640"],
+            "umask {umask}: modes of the folder, the current file and the rotated one"
+        );
+        for entry in fs::read_dir(&dir).expect("list the folder") {
+            let path = entry.expect("an entry").path();
+            assert_eq!(
+                mode_of(&path) & 0o007,
+                0,
+                "umask {umask}: {} is open to other users ({:o})",
+                path.display(),
+                mode_of(&path)
+            );
+        }
+    }
+}
+
+/// An existing folder's mode is the operator's choice: it is left as it is,
+/// with a warning when every local user can read it.
+#[test]
+fn an_existing_folder_open_to_everyone_is_kept_with_a_warning() {
+    let base = tempfile::tempdir().expect("a temporary folder");
+    let dir = base.path().join("shared");
+    fs::create_dir(&dir).expect("create the folder");
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod 0755");
+    let data_dir = dir.to_str().expect("a UTF-8 path");
+    let mut daemon = UmaskDaemon::start("000", &[("PROXY_DATA_DIR", data_dir)]);
+    daemon.stop();
+    assert_eq!(mode_of(&dir), 0o755, "the existing folder's mode changed");
+    let warnings: Vec<String> = daemon
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains(" WARN ") && l.contains("every local user"))
+        .collect();
+    assert_eq!(
+        warnings.len(),
+        1,
+        "expected one warning about the open folder; stderr:\n{}",
+        daemon.lines().join("\n")
+    );
+    assert!(warnings[0].contains(data_dir), "{}", warnings[0]);
+    // A private existing folder gets no warning.
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).expect("chmod 0700");
+    let mut daemon = UmaskDaemon::start("000", &[("PROXY_DATA_DIR", data_dir)]);
+    daemon.stop();
+    assert_eq!(mode_of(&dir), 0o700);
+    assert!(
+        !daemon
+            .lines()
+            .iter()
+            .any(|l| l.contains("every local user")),
+        "{:#?}",
+        daemon.lines()
     );
 }

@@ -17,12 +17,17 @@
 //! for SHUTDOWN_GRACE, the rest is given up, logged and counted, so that a
 //! full disk cannot keep the daemon from exiting. A lock file keeps a
 //! second daemon out of the folder.
+//!
+//! Message files hold device payloads: a folder the writer creates is 0750
+//! and a message file 0640, whatever the umask. An existing folder or file
+//! keeps its mode (the operator's choice), with a warning for a folder
+//! every local user can enter or read.
 
 use std::collections::{HashSet, VecDeque};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
 use std::io::{self, IoSlice, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,6 +54,10 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Held locked by the daemon that writes in the folder.
 const LOCK_FILE: &str = ".lock";
+/// A data folder the writer creates: for the daemon's user and group only.
+const FOLDER_MODE: u32 = 0o750;
+/// A message file the writer creates.
+const FILE_MODE: u32 = 0o640;
 
 /// The data folder cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -132,7 +141,8 @@ impl Store {
             dir: settings.dir.clone(),
             source,
         };
-        fs::create_dir_all(&settings.dir).map_err(fail)?;
+        create_data_dir(&settings.dir).map_err(fail)?;
+        warn_if_open_to_everyone(&settings.dir);
         let lock = lock_folder(&settings.dir).map_err(fail)?;
         let path = settings.dir.join(CURRENT);
         let current = open_current(&path).map_err(fail)?;
@@ -355,8 +365,7 @@ impl Store {
         if ours {
             return;
         }
-        let reopened =
-            fs::create_dir_all(&self.settings.dir).and_then(|()| open_current(&self.path));
+        let reopened = create_data_dir(&self.settings.dir).and_then(|()| open_current(&self.path));
         match reopened {
             Ok(current) => {
                 info!(
@@ -480,11 +489,7 @@ fn until_next_second(now: SystemTime) -> Duration {
 /// Opens (or creates) the current file for append. A last line cut short
 /// by a crash is ended with a newline, so the next line stays whole.
 fn open_current(path: &Path) -> io::Result<Current> {
-    let mut file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .read(true)
-        .open(path)?;
+    let mut file = open_message_file(path)?;
     let metadata = file.metadata()?;
     let mut size = metadata.len();
     if size > 0 {
@@ -509,6 +514,61 @@ fn open_current(path: &Path) -> io::Result<Current> {
     })
 }
 
+/// Opens the message file `path` for append (and read); one that does not
+/// exist is created 0640, whatever the umask.
+fn open_message_file(path: &Path) -> io::Result<File> {
+    let mut existing = OpenOptions::new();
+    existing.append(true).read(true);
+    let mut new = existing.clone();
+    new.create_new(true).mode(FILE_MODE);
+    // A file removed between the two opens is created at the second round.
+    for _ in 0..2 {
+        match new.open(path) {
+            Ok(file) => {
+                file.set_permissions(Permissions::from_mode(FILE_MODE))?;
+                return Ok(file);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        match existing.open(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            opened => return opened,
+        }
+    }
+    existing.create(true).mode(FILE_MODE).open(path)
+}
+
+/// Creates the data folder `dir`, and the folders above it that are
+/// missing, 0750 whatever the umask. An existing folder is left as it is.
+/// Public so that the daemon makes it before its control socket, which
+/// may be made in it.
+pub fn create_data_dir(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    DirBuilder::new()
+        .recursive(true)
+        .mode(FOLDER_MODE)
+        .create(dir)?;
+    fs::set_permissions(dir, Permissions::from_mode(FOLDER_MODE))
+}
+
+/// Says so when every local user may enter or read the data folder.
+fn warn_if_open_to_everyone(dir: &Path) {
+    let Ok(metadata) = fs::metadata(dir) else {
+        return;
+    };
+    let mode = metadata.mode() & 0o7777;
+    if mode & 0o007 != 0 {
+        warn!(
+            "the data folder {} is open to every local user (mode {mode:04o}), and message \
+             files hold device payloads: `chmod o-rwx` it unless that is meant",
+            dir.display()
+        );
+    }
+}
+
 /// Takes the folder's lock file, so that two daemons never write one
 /// folder (the second one stops at start).
 fn lock_folder(dir: &Path) -> io::Result<File> {
@@ -516,6 +576,7 @@ fn lock_folder(dir: &Path) -> io::Result<File> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(FILE_MODE)
         .open(dir.join(LOCK_FILE))?;
     // SAFETY: flock on a descriptor we own; it is released when the file closes.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
