@@ -6,7 +6,11 @@
 //! (so data reaches the file well within a second) or a megabyte waits. A write
 //! that fails (disk full, folder gone) is logged once per kind and retried
 //! with backoff while the channel fills up and holds the workers back:
-//! nothing that entered the channel is dropped. Rotation and shutdown fsync
+//! nothing that entered the channel is dropped. A write that fails partway
+//! through a line (a disk that fills up) never leaves that cut line
+//! behind: its written part is cut off the file again (`set_len`) and the
+//! whole line written at the next try, so every file ends on a whole line,
+//! and a new file (after the old one was moved or removed) starts on one. Rotation and shutdown fsync
 //! the file and the folder; a rotated file is synced by `store/syncer.rs`
 //! on a thread of its own while the writer goes on with the new one. If
 //! `messages.jsonl` is moved or deleted under it (logrotate), the writer
@@ -113,6 +117,8 @@ pub struct Store {
     pending: Pending,
     /// Error kinds already logged since the last successful write.
     reported: HashSet<io::ErrorKind>,
+    /// A cut line was removed since the last successful write (and logged).
+    cut_reported: bool,
     rotate_retry_at: Option<Instant>,
     /// Set by the daemon when it starts to stop.
     stopping: Arc<AtomicBool>,
@@ -142,8 +148,8 @@ impl Store {
             source,
         };
         create_data_dir(&settings.dir).map_err(fail)?;
-        warn_if_open_to_everyone(&settings.dir);
         let lock = lock_folder(&settings.dir).map_err(fail)?;
+        warn_if_open_to_everyone(&settings.dir);
         let path = settings.dir.join(CURRENT);
         let current = open_current(&path).map_err(fail)?;
         let syncer = Syncer::start(settings.dir.clone()).map_err(fail)?;
@@ -153,6 +159,7 @@ impl Store {
             current,
             pending: Pending::default(),
             reported: HashSet::new(),
+            cut_reported: false,
             rotate_retry_at: None,
             stopping,
             rotate_requested,
@@ -234,8 +241,11 @@ impl Store {
                 Ok(0) => io::ErrorKind::WriteZero.into(),
                 Ok(n) => {
                     self.current.size += n as u64;
-                    if !self.reported.is_empty() {
+                    // Writing again once a whole line is: a write cut short
+                    // by a full disk succeeds in part before it fails.
+                    if !self.reported.is_empty() && self.pending.cut_len() == 0 {
                         self.reported.clear();
+                        self.cut_reported = false;
                         info!("writing messages to {} again", self.path.display());
                     }
                     continue;
@@ -243,6 +253,7 @@ impl Store {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => e,
             };
+            self.remove_cut_line();
             if self.out_of_grace() {
                 self.give_up(&error);
                 return;
@@ -254,6 +265,36 @@ impl Store {
             &self.counters.messages,
             std::mem::take(&mut self.pending_lines),
         );
+    }
+
+    /// After a failed write: cuts the part of a line the file got off it
+    /// again, so that the file ends on a whole line, and takes that part
+    /// back to be written with the rest of its line. False if the file
+    /// could not be cut (the part then stays pending as written).
+    fn remove_cut_line(&mut self) -> bool {
+        let cut = self.pending.cut_len();
+        if cut == 0 {
+            return true;
+        }
+        let whole = self.current.size - cut as u64;
+        if let Err(e) = self.current.file.set_len(whole) {
+            error!(
+                "cannot remove the {cut} bytes of a line cut short by the failed write from {}: {e}",
+                self.path.display()
+            );
+            return false;
+        }
+        self.current.size = whole;
+        self.pending.unwrite(cut);
+        if !self.cut_reported {
+            self.cut_reported = true;
+            warn!(
+                "removed the {cut} bytes of a line cut short by the failed write from {}; \
+                 the line is written again",
+                self.path.display()
+            );
+        }
+        true
     }
 
     /// Whether the daemon is stopping and writes have failed for longer
@@ -372,6 +413,12 @@ impl Store {
                     "{} was moved or removed; started a new one",
                     self.path.display()
                 );
+                if !self.remove_cut_line() {
+                    // The new file starts on a whole line all the same.
+                    let cut = self.pending.cut_len();
+                    self.pending.unwrite(cut);
+                    warn!("the file moved away keeps a cut line of {cut} bytes at its end");
+                }
                 let moved = std::mem::replace(&mut self.current, current);
                 let name = format!("the file moved away from {}", self.path.display());
                 self.syncer.sync(moved.file, name);
@@ -458,6 +505,27 @@ impl Pending {
         let n = file.write_vectored(&slices)?;
         self.consume(n);
         Ok(n)
+    }
+
+    /// Bytes of the line written in part: the first batch's bytes written
+    /// since its last newline (a batch holds whole lines, so a line never
+    /// starts in an earlier batch).
+    fn cut_len(&self) -> usize {
+        let Some(front) = self.batches.front() else {
+            return 0;
+        };
+        let written = &front[..self.written];
+        match written.iter().rposition(|&byte| byte == b'\n') {
+            Some(end) => written.len() - end - 1,
+            None => written.len(),
+        }
+    }
+
+    /// Takes back the last `n` bytes written of the first batch, to be
+    /// written again.
+    fn unwrite(&mut self, n: usize) {
+        self.written -= n;
+        self.bytes += n;
     }
 
     fn consume(&mut self, mut n: usize) {
@@ -590,4 +658,28 @@ fn lock_folder(dir: &Path) -> io::Result<File> {
         return Err(error);
     }
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_written_in_part_is_taken_back_whole() {
+        let mut pending = Pending::default();
+        pending.push(b"one\ntwo\n".to_vec());
+        pending.push(b"three\n".to_vec());
+        assert_eq!(pending.cut_len(), 0);
+        pending.consume(6);
+        assert_eq!((pending.cut_len(), pending.bytes), (2, 8));
+        pending.unwrite(2);
+        assert_eq!((pending.cut_len(), pending.bytes), (0, 10));
+        // Into the second batch: its line started at its first byte.
+        pending.consume(6);
+        assert_eq!((pending.cut_len(), pending.bytes), (2, 4));
+        pending.unwrite(2);
+        pending.consume(6);
+        assert!(pending.is_empty());
+        assert_eq!(pending.cut_len(), 0);
+    }
 }
