@@ -461,3 +461,133 @@ fn a_write_error_at_shutdown_leaves_no_cut_line() {
     );
     log.assert_well_formed();
 }
+
+// ------------------------------------------------ view --follow
+
+/// A message line: a device packet of `text` (so `--text` prints `text`).
+fn data_line(ident: &str, peer: &str, text: &str) -> String {
+    format!(
+        "{{\"channel.id\":1,\"protocol.id\":0,\"ident\":\"{ident}\",\"peer\":\"{peer}\",\
+         \"proxy.event\":0,\"proxy.source\":0,\"proxy.payload.size\":{},\
+         \"proxy.payload.hex\":\"{}\",\"server.timestamp\":1795000000.5,\
+         \"timestamp\":1795000000.5}}\n",
+        text.len(),
+        hex::encode(text)
+    )
+}
+
+fn packet_line(n: usize) -> String {
+    data_line("00000000000000aa", "127.0.0.1:4000", &format!("packet {n}"))
+}
+
+fn append(path: &Path, text: &str) {
+    use std::io::Write;
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .unwrap_or_else(|e| panic!("append to {}: {e}", path.display()));
+}
+
+/// A `proxy-channel view ARGS` process whose stdout lines are collected.
+/// Dropping it kills the process.
+struct Viewer {
+    child: Child,
+    stdout: Arc<Mutex<Vec<String>>>,
+}
+
+impl Viewer {
+    fn start(args: &[&str]) -> Viewer {
+        let mut child = daemon_command(&[("TZ", "UTC")])
+            .arg("view")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start proxy-channel view");
+        let pipe = child.stdout.take().expect("stdout pipe");
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let lines = Arc::clone(&stdout);
+        // Ends when the viewer's stdout closes, i.e. when it is gone.
+        thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                lines.lock().unwrap().push(line);
+            }
+        });
+        Viewer { child, stdout }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    fn wait_for_line(&self, line: &str) {
+        let shown = poll_until(secs(5), || self.lines().iter().any(|l| l == line));
+        assert!(
+            shown,
+            "the viewer did not print {line:?} within 5 s; it printed:\n{}",
+            self.lines().join("\n")
+        );
+    }
+
+    fn signal(&self, signal: i32) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill {pid}");
+    }
+}
+
+impl Drop for Viewer {
+    fn drop(&mut self) {
+        // SIGKILL also ends a stopped process.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Defect 7: two rotations between two looks of `view --follow`, and the
+/// file rotated in between was never shown. The viewer is stopped
+/// (SIGSTOP) while the files are rotated as the writer does it, so that
+/// both rotations certainly fall between two of its looks.
+#[test]
+fn view_follow_shows_every_file_of_several_rotations_between_two_looks() {
+    let dir = tempfile::tempdir().expect("a data folder");
+    let current = dir.path().join("messages.jsonl");
+    append(&current, &packet_line(1));
+    let folder = dir.path().to_str().expect("a UTF-8 path");
+    let viewer = Viewer::start(&["--follow", "--text", folder]);
+    viewer.wait_for_line("packet 1");
+
+    viewer.signal(libc::SIGSTOP);
+    let rotate = |name: &str| {
+        fs::rename(&current, dir.path().join(name)).expect("rotate");
+    };
+    append(&current, &packet_line(2));
+    rotate("messages-20261118T110640Z.jsonl");
+    append(&current, &packet_line(3));
+    append(&current, &packet_line(4));
+    rotate("messages-20261118T110640Z_001.jsonl");
+    append(&current, &packet_line(5));
+    rotate("messages-20261118T110641Z.jsonl");
+    append(&current, &packet_line(6));
+    viewer.signal(libc::SIGCONT);
+
+    viewer.wait_for_line("packet 6");
+    append(&current, &packet_line(7));
+    viewer.wait_for_line("packet 7");
+    let payloads: Vec<String> = viewer
+        .lines()
+        .into_iter()
+        .filter(|l| !l.contains("device>"))
+        .collect();
+    let expected: Vec<String> = (1..=7).map(|n| format!("packet {n}")).collect();
+    assert_eq!(
+        payloads,
+        expected,
+        "every packet once, in order; the viewer printed:\n{}",
+        viewer.lines().join("\n")
+    );
+}

@@ -135,11 +135,41 @@ impl LineReader {
     /// Whether the path now names another file than the one open (it was
     /// rotated or replaced).
     pub fn replaced(&self) -> bool {
-        match std::fs::metadata(&self.path) {
-            Ok(metadata) => (metadata.dev(), metadata.ino()) != self.identity,
-            Err(_) => false,
-        }
+        identity_of(&self.path).is_some_and(|identity| identity != self.identity)
     }
+
+    /// Device and inode of the open file.
+    pub fn identity(&self) -> (u64, u64) {
+        self.identity
+    }
+}
+
+/// Device and inode of the file at `path`, if there is one.
+pub fn identity_of(path: &Path) -> Option<(u64, u64)> {
+    let metadata = std::fs::metadata(path).ok()?;
+    Some((metadata.dev(), metadata.ino()))
+}
+
+/// Where a rotated file stands in rotation order: its time, then counter.
+pub type RotationKey = (std::time::SystemTime, u32);
+
+/// The rotated files of `dir` that come after `seen` in rotation order
+/// (all of them for `None`), oldest first.
+pub fn rotated_since(
+    dir: &Path,
+    seen: Option<RotationKey>,
+) -> Result<Vec<(RotationKey, PathBuf)>, ReadError> {
+    let files = rotation::rotated_files(dir).map_err(|e| ReadError::new(dir, e))?;
+    Ok(files
+        .into_iter()
+        .map(|file| ((file.rotated_at, file.counter), file.path))
+        .filter(|(key, _)| seen.is_none_or(|seen| *key > seen))
+        .collect())
+}
+
+/// The rotation key of a path named as a rotated file, if it is one.
+pub fn rotation_key(path: &Path) -> Option<RotationKey> {
+    rotation::parse_rotated_name(path.file_name()?.to_str()?)
 }
 
 #[cfg(test)]
@@ -191,6 +221,34 @@ mod tests {
                 "messages.jsonl"
             ]
         );
+    }
+
+    #[test]
+    fn rotated_files_since_a_key_are_the_newer_ones_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = [
+            "messages-20261126T101500Z_001.jsonl",
+            "messages-20261125T090000Z.jsonl",
+            "messages-20261126T101500Z.jsonl",
+            "messages.jsonl",
+            "notes.txt",
+        ];
+        for name in names {
+            File::create(dir.path().join(name)).unwrap();
+        }
+        let since = |seen| {
+            rotated_since(dir.path(), seen)
+                .unwrap()
+                .into_iter()
+                .map(|(_, p)| p.file_name().unwrap().to_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(since(None), [names[1], names[2], names[0]]);
+        let key = rotation_key(&dir.path().join(names[2]));
+        assert!(key.is_some());
+        assert_eq!(since(key), [names[0]]);
+        assert_eq!(since(rotation_key(&dir.path().join(names[0]))), [""; 0]);
+        assert_eq!(rotation_key(Path::new("messages.jsonl")), None);
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! style dump or, with `--text`, as escaped text; `--json` passes matching
 //! lines through unchanged. Files are streamed line by line; a line that is
 //! cut short or not ours is reported on stderr and skipped. `--follow`
-//! keeps reading the current file and moves on to the new one when it is
-//! rotated.
+//! keeps reading the current file and, when it is rotated, shows every
+//! file rotated since (several rotations may fall between two looks), in
+//! rotation order, before it moves on to the new current file.
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -17,7 +18,10 @@ use jiff::tz::TimeZone;
 use crate::store::message::{DEVICE, Micros, StoredMessage};
 use crate::store::rotation::CURRENT;
 use crate::tools::filter::Filter;
-use crate::tools::reader::{LineReader, ReadError, message_files, report_skipped};
+use crate::tools::reader::{
+    LineReader, ReadError, RotationKey, identity_of, message_files, report_skipped, rotated_since,
+    rotation_key,
+};
 
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
 
@@ -55,6 +59,12 @@ pub fn run(options: &ViewOptions, out: &mut dyn Write) -> Result<ViewSummary, Re
     };
     let files = message_files(&options.paths)?;
     let follow = options.follow.then(|| follow_path(&options.paths, &files));
+    // The newest rotated file of the followed folder shown from the start.
+    let seen = follow.as_ref().and_then(|path| {
+        let dir = rotation_folder(path)?;
+        let in_dir = files.iter().filter(|f| f.parent() == Some(dir));
+        in_dir.filter_map(|f| rotation_key(f)).max()
+    });
     let mut followed = None;
     for file in &files {
         let mut reader = LineReader::open(file)?;
@@ -69,9 +79,16 @@ pub fn run(options: &ViewOptions, out: &mut dyn Write) -> Result<ViewSummary, Re
         }
     }
     if let Some(path) = follow {
-        viewer.follow(&path, followed)?;
+        viewer.follow(&path, followed, seen)?;
     }
     Ok(viewer.summary)
+}
+
+/// The folder whose rotated files the followed `path` becomes: its own
+/// folder when it is a current file (`messages.jsonl`).
+fn rotation_folder(path: &Path) -> Option<&Path> {
+    let is_current = path.file_name().is_some_and(|name| name == CURRENT);
+    is_current.then(|| path.parent()).flatten()
 }
 
 /// The file `--follow` keeps reading: the current file of the last folder
@@ -139,9 +156,15 @@ impl Viewer<'_> {
         report_skipped("view", path, number, why);
     }
 
-    /// Reads `path` as it grows, and its successor after each rotation;
-    /// `reader` is the file already open (and shown so far), if it was.
-    fn follow(&mut self, path: &Path, reader: Option<LineReader>) -> Result<(), ReadError> {
+    /// Reads `path` as it grows, and its successors after each rotation;
+    /// `reader` is the file already open (and shown so far), if it was;
+    /// `seen` the newest rotated file shown already.
+    fn follow(
+        &mut self,
+        path: &Path,
+        reader: Option<LineReader>,
+        mut seen: Option<RotationKey>,
+    ) -> Result<(), ReadError> {
         let mut reader = match reader {
             Some(reader) => reader,
             None => wait_for(path)?,
@@ -152,15 +175,58 @@ impl Viewer<'_> {
             }
             if reader.replaced() {
                 // The writer finishes a file before renaming it: take what
-                // is left, then start on the new current file.
+                // is left, then the files rotated since, then the new
+                // current file.
                 if !self.read_available(&mut reader)? {
                     return Ok(());
                 }
                 self.report_partial(&reader);
-                reader = wait_for(path)?;
+                match self.after_rotation(path, &mut seen, reader.identity())? {
+                    Some(next) => reader = next,
+                    None => return Ok(()),
+                }
                 continue;
             }
             std::thread::sleep(FOLLOW_POLL);
+        }
+    }
+
+    /// Once the followed file (`finished`, shown to its end) was rotated:
+    /// shows every file rotated after `seen`, oldest first, then opens the
+    /// current file. If another rotation came meanwhile, the file just
+    /// opened may be a rotated one already: nothing of it was shown, so the
+    /// rotated files are looked at again first. None once the output is
+    /// gone.
+    fn after_rotation(
+        &mut self,
+        path: &Path,
+        seen: &mut Option<RotationKey>,
+        finished: (u64, u64),
+    ) -> Result<Option<LineReader>, ReadError> {
+        let Some(dir) = rotation_folder(path) else {
+            return wait_for(path).map(Some);
+        };
+        loop {
+            for (key, rotated) in rotated_since(dir, *seen)? {
+                *seen = Some(key);
+                if identity_of(&rotated) == Some(finished) {
+                    continue;
+                }
+                let mut reader = match LineReader::open(&rotated) {
+                    Ok(reader) => reader,
+                    // Deleted meanwhile (retention): nothing left to show.
+                    Err(e) if e.source.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                };
+                if !self.read_available(&mut reader)? {
+                    return Ok(None);
+                }
+                self.report_partial(&reader);
+            }
+            let current = wait_for(path)?;
+            if rotated_since(dir, *seen)?.is_empty() {
+                return Ok(Some(current));
+            }
         }
     }
 }
