@@ -591,3 +591,101 @@ fn view_follow_shows_every_file_of_several_rotations_between_two_looks() {
         viewer.lines().join("\n")
     );
 }
+
+// ------------------------------------------------ control characters in view
+
+/// The control characters of `text` (C0 but the newline, DEL, C1).
+fn control_characters(text: &str) -> Vec<char> {
+    text.chars()
+        .filter(|c| c.is_control() && *c != '\n')
+        .collect()
+}
+
+/// Defect 9: a crafted message file renamed the terminal (OSC), cleared
+/// the screen (CSI, also as the one-character C1 CSI), and forged a line
+/// with a CR. `view` must print every field it takes from a file with its
+/// control characters escaped, in every format, and in its reports of
+/// foreign lines too.
+#[test]
+fn view_prints_no_control_character_from_a_file() {
+    let dir = tempfile::tempdir().expect("a folder");
+    let file = dir.path().join("crafted.jsonl");
+    // JSON escapes for C0; DEL and C1 may stand in a JSON string as they are.
+    let lines = [
+        "{\"channel.id\":1,\"protocol.id\":0,\"ident\":\"\\u001b]0;pwned\\u0007\",\
+         \"peer\":\"\\u001b[2J\u{9b}2J\",\"proxy.event\":1,\"proxy.source\":1,\
+         \"server.timestamp\":1795000000.5,\"timestamp\":1795000000.5,\
+         \"proxy.target\":\"gps\u{7f}\\u001b[1A.example.com:1\"}",
+        "{\"channel.id\":1,\"protocol.id\":0,\"ident\":\"00000000000000aa\",\
+         \"peer\":\"127.0.0.1:4000\",\"proxy.event\":2,\"proxy.source\":0,\
+         \"server.timestamp\":1795000000.5,\"timestamp\":1795000000.5,\
+         \"proxy.reason\":\"closed\\r2026-11-18 11:06:40.000  forged  line\\u001b[K\",\
+         \"proxy.bytes.received\":0,\"proxy.bytes.sent\":0}",
+        "{\"channel.id\":1,\"protocol.id\":0,\"ident\":\"00000000000000aa\",\
+         \"peer\":\"127.0.0.1:4000\",\"proxy.event\":0,\"proxy.source\":0,\
+         \"proxy.payload.size\":5,\"proxy.payload.hex\":\"1b5b324a0d\",\
+         \"server.timestamp\":1795000000.5,\"timestamp\":1795000000.5}",
+        // Foreign lines: the error reports quote what they found.
+        "{\"channel.id\":\"\\u001b]0;title\\u0007\",\"x\":1}",
+        "{\"channel.id\":1,\"protocol.id\":0,\"ident\":\"a\",\"peer\":\"b\",\
+         \"proxy.event\":0,\"proxy.source\":0,\"proxy.payload.hex\":\"\u{9b}2J\\u001b\",\
+         \"server.timestamp\":1,\"timestamp\":1}",
+        "\u{1b}]0;not json at all\u{7}\r",
+        // CR as JSON whitespace: `--json` must not pass it through.
+        "{\"channel.id\":1,\r\"protocol.id\":0,\"ident\":\"\u{7f}\u{85}\",\"peer\":\"b\",\
+         \"proxy.event\":1,\"proxy.source\":0,\"server.timestamp\":1,\"timestamp\":1}",
+    ];
+    fs::write(&file, lines.join("\n") + "\n").expect("write the crafted file");
+    let path = file.to_str().expect("a UTF-8 path");
+    for format in [&[][..], &["--text"], &["--json"]] {
+        let args: Vec<&str> = ["view"]
+            .iter()
+            .chain(format)
+            .chain(&[path])
+            .copied()
+            .collect();
+        let run = run_to_exit(&args, &[("TZ", "UTC")], secs(10));
+        for (name, output) in [("stdout", &run.stdout), ("stderr", &run.stderr)] {
+            assert_eq!(
+                control_characters(output),
+                [],
+                "view {format:?}: control characters on {name}:\n{output:?}"
+            );
+        }
+        assert_eq!(
+            run.stdout.lines().filter(|l| l.contains("forged")).count(),
+            1,
+            "the forged line is part of one line:\n{}",
+            run.stdout
+        );
+        if format.is_empty() {
+            for escaped in [
+                "\\x1b]0;pwned\\x07",
+                "\\x1b[2J\\u{9b}2J",
+                "gps\\x7f\\x1b[1A.example.com:1",
+                "closed\\r2026-11-18 11:06:40.000  forged  line\\x1b[K",
+            ] {
+                assert!(
+                    run.stdout.contains(escaped),
+                    "expected {escaped:?} in:\n{}",
+                    run.stdout
+                );
+            }
+        }
+        if format == ["--json"] {
+            // Still the same JSON, escaped the JSON way.
+            for line in run.stdout.lines() {
+                let value: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| {
+                    panic!("--json printed a line that is not JSON ({e}): {line:?}")
+                });
+                assert!(value.is_object(), "{line}");
+            }
+            assert!(
+                run.stdout
+                    .contains("\"gps\\u007f\\u001b[1A.example.com:1\""),
+                "{}",
+                run.stdout
+            );
+        }
+    }
+}

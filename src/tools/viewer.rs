@@ -3,12 +3,16 @@
 //! Each message gets a header line (local time with milliseconds, ident,
 //! peer, side, what happened) and, for data, its payload as a `hexdump -C`
 //! style dump or, with `--text`, as escaped text; `--json` passes matching
-//! lines through unchanged. Files are streamed line by line; a line that is
+//! lines through as the same JSON. No control character from a file is
+//! printed as it is: header fields go through [`printable`], payloads are
+//! escaped or dumped, and `--json` lines get JSON escapes for the few
+//! controls JSON lets stand raw. Files are streamed line by line; a line that is
 //! cut short or not ours is reported on stderr and skipped. `--follow`
 //! keeps reading the current file and, when it is rotated, shows every
 //! file rotated since (several rotations may fall between two looks), in
 //! rotation order, before it moves on to the new current file.
 
+use std::borrow::Cow;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,8 +23,8 @@ use crate::store::message::{DEVICE, Micros, StoredMessage};
 use crate::store::rotation::CURRENT;
 use crate::tools::filter::Filter;
 use crate::tools::reader::{
-    LineReader, ReadError, RotationKey, identity_of, message_files, report_skipped, rotated_since,
-    rotation_key,
+    LineReader, ReadError, RotationKey, identity_of, is_terminal_control, message_files, printable,
+    report_skipped, rotated_since, rotation_key,
 };
 
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
@@ -280,7 +284,7 @@ impl Printer {
         raw: &[u8],
     ) -> Result<bool, PrintError> {
         if self.format == Format::Json {
-            out.write_all(raw)?;
+            out.write_all(&json_without_controls(raw))?;
             out.write_all(b"\n")?;
             return Ok(true);
         }
@@ -324,9 +328,39 @@ impl Printer {
         writeln!(
             out,
             "{start}{time}  {}  {}  {side:<9}  {what}{end}",
-            message.ident, message.peer
+            printable(&message.ident),
+            printable(&message.peer)
         )
     }
+}
+
+/// A line that parsed as a message, for `--json`: the same JSON, with the
+/// control characters JSON lets stand as they are written as escapes
+/// instead. In a valid line a raw DEL, C1 or bidirectional control can only
+/// be inside a string (`\u` escape), a raw CR or tab only between tokens
+/// (a space).
+fn json_without_controls(raw: &[u8]) -> Cow<'_, [u8]> {
+    let Ok(text) = std::str::from_utf8(raw) else {
+        return Cow::Owned(
+            String::from_utf8_lossy(raw)
+                .replace(is_terminal_control, " ")
+                .into_bytes(),
+        );
+    };
+    if !text.chars().any(is_terminal_control) {
+        return Cow::Borrowed(raw);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '\r' | '\t' => out.push(' '),
+            c if is_terminal_control(c) => {
+                out.push_str(&format!("\\u{:04x}", u32::from(c)));
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out.into_bytes())
 }
 
 /// `device>` for the device, `<target N` for a target's replies,
@@ -349,12 +383,12 @@ fn event_words(message: &StoredMessage<'_>) -> String {
             }
         }
         1 => match &message.target {
-            Some(target) => format!("connected to {target}"),
+            Some(target) => format!("connected to {}", printable(target)),
             None => "connected".to_string(),
         },
         2 => format!(
             "disconnected: {} (received {} B, sent {} B)",
-            message.reason.as_deref().unwrap_or("no reason given"),
+            printable(message.reason.as_deref().unwrap_or("no reason given")),
             message.bytes_received.unwrap_or(0),
             message.bytes_sent.unwrap_or(0)
         ),
@@ -458,6 +492,19 @@ mod tests {
             "00000000  40 41 42 43 44 45 46 47  48 49 4a 4b 4c 4d 4e 4f  |@ABCDEFGHIJKLMNO|\n\
              00000010  50 51                                             |PQ|\n"
         );
+    }
+
+    #[test]
+    fn json_lines_keep_their_meaning_without_raw_controls() {
+        let raw = "{\"a\":\"x\u{7f}\u{9b}\\u001b\",\r\t\"b\":1}";
+        let shown = json_without_controls(raw.as_bytes());
+        let shown = std::str::from_utf8(&shown).unwrap();
+        assert_eq!(shown, "{\"a\":\"x\\u007f\\u009b\\u001b\",  \"b\":1}");
+        let before: serde_json::Value = serde_json::from_str(raw).unwrap();
+        let after: serde_json::Value = serde_json::from_str(shown).unwrap();
+        assert_eq!(before, after);
+        let plain = b"{\"a\":1}";
+        assert!(matches!(json_without_controls(plain), Cow::Borrowed(_)));
     }
 
     #[test]
