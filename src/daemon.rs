@@ -31,7 +31,7 @@ use crate::net::limits;
 use crate::net::resolver;
 use crate::net::worker::{Command, Worker, WorkerHandle, WorkerSetup};
 use crate::store::journal::{BufferPool, Journal, JournalSettings, StoreCommand};
-use crate::store::writer::{Store, StoreError, StoreSettings};
+use crate::store::writer::{self, Store, StoreError, StoreSettings};
 
 /// The listening sockets' accept queue (capped by net.core.somaxconn).
 const ACCEPT_QUEUE: i32 = 8192;
@@ -74,6 +74,11 @@ impl DaemonError {
 pub fn run(config: Config) -> Result<(), DaemonError> {
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     let mut registry = Registry::default();
+    // Made private before the control socket, which may be made in it.
+    writer::create_data_dir(&config.data_dir).map_err(|source| StoreError {
+        dir: config.data_dir.clone(),
+        source,
+    })?;
     // The control socket first: a second daemon started by mistake on a live
     // one's folder stops here, before touching the folder.
     let control_socket = bind_control_socket(&config)?;

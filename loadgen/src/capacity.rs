@@ -154,9 +154,9 @@ fn start_store(dir: &Path, rotate_size: u64) -> Result<Writer, String> {
     let settings = StoreSettings {
         dir: dir.to_path_buf(),
         rotate_size,
-        rotate_interval: Duration::from_secs(3600),
-        retain_files: 10_000,
-        retain_age: Duration::from_secs(86_400),
+        rotate_interval: Some(Duration::from_secs(3600)),
+        retain_files: Some(10_000),
+        retain_age: Some(Duration::from_secs(86_400)),
     };
     let stopping = Arc::new(AtomicBool::new(false));
     let store = Store::open(settings, Arc::default(), stopping, Arc::default())

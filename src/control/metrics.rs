@@ -2,12 +2,17 @@
 //! node_exporter's textfile collector reads.
 //!
 //! The file is replaced atomically: written to a temporary file next to it,
-//! then renamed over it, so a scrape never sees half a file.
+//! then renamed over it, so a scrape never sees half a file. The temporary
+//! file has a random name and is created exclusively without following
+//! links (`O_CREAT|O_EXCL|O_NOFOLLOW`): a symbolic link planted at any name
+//! is never followed, so nothing is truncated or created elsewhere.
 
+use std::ffi::OsString;
 use std::fmt::Write as _;
-use std::fs;
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write as _};
-use std::path::Path;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 
 use crate::control::stats::{DropKind, Refusal, Snapshot};
 
@@ -195,15 +200,53 @@ fn sample(text: &mut String, name: &str, labels: &str, value: u64) {
     };
 }
 
-/// Replaces `path` with `text` atomically.
+/// Names tried for the temporary file before giving up (a name taken by
+/// someone else's file is never reused).
+const TEMPORARY_TRIES: usize = 8;
+
+/// Replaces `path` with `text` atomically, through a new temporary file in
+/// the same folder that nothing else can have opened or linked.
 pub fn write_file(path: &Path, text: &str) -> io::Result<()> {
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".tmp");
-    let temporary = Path::new(&temporary);
-    let mut file = fs::File::create(temporary)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    fs::rename(temporary, path)
+    let (temporary, mut file) = create_temporary(path)?;
+    let written = file
+        .write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .and_then(|()| fs::rename(&temporary, path));
+    if written.is_err() {
+        // Ours, made just now: nothing else to clean up if this fails too.
+        let _ = fs::remove_file(&temporary);
+    }
+    written
+}
+
+/// Creates `.<name>.<random>.tmp` beside `path`, exclusively and without
+/// following a link; another random name if that one is taken.
+fn create_temporary(path: &Path) -> io::Result<(PathBuf, File)> {
+    let mut last_error = io::Error::new(io::ErrorKind::AlreadyExists, "no free name");
+    for _ in 0..TEMPORARY_TRIES {
+        let temporary = temporary_name(path, rand::random());
+        let created = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&temporary);
+        match created {
+            Ok(file) => return Ok((temporary, file)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last_error = e,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last_error)
+}
+
+/// `dir/.name.0123456789abcdef.tmp` for `dir/name`: hidden, and not a name
+/// node_exporter's textfile collector reads (it takes `*.prom`).
+fn temporary_name(path: &Path, random: u64) -> PathBuf {
+    let mut name = OsString::from(".");
+    name.push(path.file_name().unwrap_or_default());
+    name.push(format!(".{random:016x}.tmp"));
+    path.with_file_name(name)
 }
 
 #[cfg(test)]
@@ -227,5 +270,35 @@ mod tests {
                 assert!(declared.contains(name), "{name} has no TYPE before it");
             }
         }
+    }
+
+    #[test]
+    fn the_temporary_file_is_hidden_beside_the_target() {
+        let path = Path::new("/var/lib/node/proxy_channel.prom");
+        assert_eq!(
+            temporary_name(path, 0xab),
+            Path::new("/var/lib/node/.proxy_channel.prom.00000000000000ab.tmp")
+        );
+    }
+
+    #[test]
+    fn a_planted_link_at_the_temporary_name_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "kept").unwrap();
+        let path = dir.path().join("metrics.prom");
+        let planted = temporary_name(&path, 7);
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        let error = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&planted)
+            .unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::AlreadyExists);
+        write_file(&path, "text\n").unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), "text\n");
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "kept");
+        assert!(fs::symlink_metadata(&planted).unwrap().is_symlink());
     }
 }

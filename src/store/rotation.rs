@@ -115,23 +115,44 @@ pub fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
 }
 
 /// The rotated files to delete: beyond the newest `keep` ones, or rotated
-/// more than `max_age` before `now`. Oldest first.
+/// more than `max_age` before `now`; `None` is no limit of that kind (a
+/// file is never deleted for it). Oldest first.
 pub fn expired(
     files: &[RotatedFile],
-    keep: usize,
-    max_age: Duration,
+    keep: Option<usize>,
+    max_age: Option<Duration>,
     now: SystemTime,
 ) -> Vec<PathBuf> {
-    let surplus = files.len().saturating_sub(keep);
+    let surplus = keep.map_or(0, |keep| files.len().saturating_sub(keep));
     files
         .iter()
         .enumerate()
         .filter(|(index, file)| {
             let age = now.duration_since(file.rotated_at).unwrap_or_default();
-            *index < surplus || age > max_age
+            *index < surplus || max_age.is_some_and(|max_age| age > max_age)
         })
         .map(|(_, file)| file.path.clone())
         .collect()
+}
+
+/// Why the current file is to be rotated now, if it is: it reached
+/// `rotate_size`, or it holds something and is `rotate_interval` old
+/// (`None`: never for its age). An empty file is never rotated.
+pub fn rotation_due(
+    size: u64,
+    age: Duration,
+    rotate_size: u64,
+    rotate_interval: Option<Duration>,
+) -> Option<&'static str> {
+    if size == 0 {
+        None
+    } else if size >= rotate_size {
+        Some("size")
+    } else if rotate_interval.is_some_and(|interval| age >= interval) {
+        Some("interval")
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
@@ -249,27 +270,64 @@ mod tests {
         assert!(!current.exists());
     }
 
-    #[test]
-    fn retention_drops_the_oldest_beyond_the_count_and_the_too_old() {
-        let files: Vec<RotatedFile> = (0..5)
+    fn five_files() -> Vec<RotatedFile> {
+        (0..5)
             .map(|i| RotatedFile {
                 path: PathBuf::from(format!("f{i}")),
                 rotated_at: at(1000 + i * 100),
                 counter: 0,
             })
-            .collect();
+            .collect()
+    }
+
+    fn names(paths: &[&str]) -> Vec<PathBuf> {
+        paths.iter().map(PathBuf::from).collect()
+    }
+
+    #[test]
+    fn retention_drops_the_oldest_beyond_the_count_and_the_too_old() {
+        let files = five_files();
         let now = at(1500);
         assert_eq!(
-            expired(&files, 3, Duration::from_secs(10_000), now),
-            vec![PathBuf::from("f0"), PathBuf::from("f1")]
+            expired(&files, Some(3), Some(Duration::from_secs(10_000)), now),
+            names(&["f0", "f1"])
         );
         assert_eq!(
-            expired(&files, 10, Duration::from_secs(250), now),
-            vec![
-                PathBuf::from("f0"),
-                PathBuf::from("f1"),
-                PathBuf::from("f2")
-            ]
+            expired(&files, Some(10), Some(Duration::from_secs(250)), now),
+            names(&["f0", "f1", "f2"])
         );
+    }
+
+    /// Issue 13: a limit of 0 is "no limit"; it never means "keep nothing".
+    #[test]
+    fn retention_without_a_limit_deletes_nothing_for_it() {
+        let files = five_files();
+        let now = at(1_000_000);
+        assert!(expired(&files, None, None, now).is_empty());
+        // Only the age limit: the count never deletes.
+        assert_eq!(
+            expired(&files, None, Some(Duration::from_secs(998_750)), now),
+            names(&["f0", "f1", "f2"])
+        );
+        // Only the count limit: however old, the newest two stay.
+        assert_eq!(
+            expired(&files, Some(2), None, now),
+            names(&["f0", "f1", "f2"])
+        );
+        assert!(expired(&[], None, None, now).is_empty());
+    }
+
+    #[test]
+    fn rotation_is_due_by_size_or_interval_and_never_without_a_limit() {
+        let hour = Duration::from_secs(3600);
+        let day = Duration::from_secs(86_400);
+        assert_eq!(rotation_due(100, day, 100, Some(hour)), Some("size"));
+        assert_eq!(rotation_due(100, day, 100, None), Some("size"));
+        assert_eq!(rotation_due(1, hour, 100, Some(hour)), Some("interval"));
+        assert_eq!(rotation_due(1, hour, 100, None), None);
+        assert_eq!(rotation_due(1, 365 * day, 100, None), None);
+        assert_eq!(rotation_due(1, day - hour, 100, Some(day)), None);
+        // An empty file is never rotated, whatever its age.
+        assert_eq!(rotation_due(0, day, 100, Some(hour)), None);
     }
 }

@@ -6,7 +6,11 @@
 //! (so data reaches the file well within a second) or a megabyte waits. A write
 //! that fails (disk full, folder gone) is logged once per kind and retried
 //! with backoff while the channel fills up and holds the workers back:
-//! nothing that entered the channel is dropped. Rotation and shutdown fsync
+//! nothing that entered the channel is dropped. A write that fails partway
+//! through a line (a disk that fills up) never leaves that cut line
+//! behind: its written part is cut off the file again (`set_len`) and the
+//! whole line written at the next try, so every file ends on a whole line,
+//! and a new file (after the old one was moved or removed) starts on one. Rotation and shutdown fsync
 //! the file and the folder; a rotated file is synced by `store/syncer.rs`
 //! on a thread of its own while the writer goes on with the new one. If
 //! `messages.jsonl` is moved or deleted under it (logrotate), the writer
@@ -17,12 +21,17 @@
 //! for SHUTDOWN_GRACE, the rest is given up, logged and counted, so that a
 //! full disk cannot keep the daemon from exiting. A lock file keeps a
 //! second daemon out of the folder.
+//!
+//! Message files hold device payloads: a folder the writer creates is 0750
+//! and a message file 0640, whatever the umask. An existing folder or file
+//! keeps its mode (the operator's choice), with a warning for a folder
+//! every local user can enter or read.
 
 use std::collections::{HashSet, VecDeque};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
 use std::io::{self, IoSlice, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,6 +58,10 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Held locked by the daemon that writes in the folder.
 const LOCK_FILE: &str = ".lock";
+/// A data folder the writer creates: for the daemon's user and group only.
+const FOLDER_MODE: u32 = 0o750;
+/// A message file the writer creates.
+const FILE_MODE: u32 = 0o640;
 
 /// The data folder cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -59,13 +72,18 @@ pub struct StoreError {
     pub source: io::Error,
 }
 
+/// Where and how the writer keeps its files. A `None` limit is no limit
+/// (the SPEC's `0`): never a reason to rotate or to delete.
 #[derive(Debug, Clone)]
 pub struct StoreSettings {
     pub dir: PathBuf,
     pub rotate_size: u64,
-    pub rotate_interval: Duration,
-    pub retain_files: usize,
-    pub retain_age: Duration,
+    /// `None`: no rotation by age.
+    pub rotate_interval: Option<Duration>,
+    /// `None`: rotated files are not deleted for their number.
+    pub retain_files: Option<usize>,
+    /// `None`: rotated files are not deleted for their age.
+    pub retain_age: Option<Duration>,
 }
 
 impl StoreSettings {
@@ -73,10 +91,9 @@ impl StoreSettings {
         StoreSettings {
             dir: config.data_dir.clone(),
             rotate_size: config.rotate_size,
-            // No limit (0) as a limit never reached.
-            rotate_interval: config.rotate_interval.unwrap_or(Duration::MAX),
-            retain_files: config.retain_files.unwrap_or(usize::MAX),
-            retain_age: config.retain_age.unwrap_or(Duration::MAX),
+            rotate_interval: config.rotate_interval,
+            retain_files: config.retain_files,
+            retain_age: config.retain_age,
         }
     }
 }
@@ -99,6 +116,8 @@ pub struct Store {
     pending: Pending,
     /// Error kinds already logged since the last successful write.
     reported: HashSet<io::ErrorKind>,
+    /// A cut line was removed since the last successful write (and logged).
+    cut_reported: bool,
     rotate_retry_at: Option<Instant>,
     /// Set by the daemon when it starts to stop.
     stopping: Arc<AtomicBool>,
@@ -127,8 +146,9 @@ impl Store {
             dir: settings.dir.clone(),
             source,
         };
-        fs::create_dir_all(&settings.dir).map_err(fail)?;
+        create_data_dir(&settings.dir).map_err(fail)?;
         let lock = lock_folder(&settings.dir).map_err(fail)?;
+        warn_if_open_to_everyone(&settings.dir);
         let path = settings.dir.join(CURRENT);
         let current = open_current(&path).map_err(fail)?;
         let syncer = Syncer::start(settings.dir.clone()).map_err(fail)?;
@@ -138,6 +158,7 @@ impl Store {
             current,
             pending: Pending::default(),
             reported: HashSet::new(),
+            cut_reported: false,
             rotate_retry_at: None,
             stopping,
             rotate_requested,
@@ -219,8 +240,11 @@ impl Store {
                 Ok(0) => io::ErrorKind::WriteZero.into(),
                 Ok(n) => {
                     self.current.size += n as u64;
-                    if !self.reported.is_empty() {
+                    // Writing again once a whole line is: a write cut short
+                    // by a full disk succeeds in part before it fails.
+                    if !self.reported.is_empty() && self.pending.cut_len() == 0 {
                         self.reported.clear();
+                        self.cut_reported = false;
                         info!("writing messages to {} again", self.path.display());
                     }
                     continue;
@@ -228,6 +252,7 @@ impl Store {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => e,
             };
+            self.remove_cut_line();
             if self.out_of_grace() {
                 self.give_up(&error);
                 return;
@@ -239,6 +264,36 @@ impl Store {
             &self.counters.messages,
             std::mem::take(&mut self.pending_lines),
         );
+    }
+
+    /// After a failed write: cuts the part of a line the file got off it
+    /// again, so that the file ends on a whole line, and takes that part
+    /// back to be written with the rest of its line. False if the file
+    /// could not be cut (the part then stays pending as written).
+    fn remove_cut_line(&mut self) -> bool {
+        let cut = self.pending.cut_len();
+        if cut == 0 {
+            return true;
+        }
+        let whole = self.current.size - cut as u64;
+        if let Err(e) = self.current.file.set_len(whole) {
+            error!(
+                "cannot remove the {cut} bytes of a line cut short by the failed write from {}: {e}",
+                self.path.display()
+            );
+            return false;
+        }
+        self.current.size = whole;
+        self.pending.unwrite(cut);
+        if !self.cut_reported {
+            self.cut_reported = true;
+            warn!(
+                "removed the {cut} bytes of a line cut short by the failed write from {}; \
+                 the line is written again",
+                self.path.display()
+            );
+        }
+        true
     }
 
     /// Whether the daemon is stopping and writes have failed for longer
@@ -283,13 +338,15 @@ impl Store {
         if self.rotate_retry_at.is_some_and(|at| Instant::now() < at) {
             return;
         }
-        if self.current.size >= self.settings.rotate_size {
-            self.rotate("size");
-        } else if self.current.size > 0 {
-            let age = self.current.opened_at.elapsed().unwrap_or_default();
-            if age >= self.settings.rotate_interval {
-                self.rotate("interval");
-            }
+        let age = self.current.opened_at.elapsed().unwrap_or_default();
+        let due = rotation::rotation_due(
+            self.current.size,
+            age,
+            self.settings.rotate_size,
+            self.settings.rotate_interval,
+        );
+        if let Some(why) = due {
+            self.rotate(why);
         }
     }
 
@@ -348,14 +405,19 @@ impl Store {
         if ours {
             return;
         }
-        let reopened =
-            fs::create_dir_all(&self.settings.dir).and_then(|()| open_current(&self.path));
+        let reopened = create_data_dir(&self.settings.dir).and_then(|()| open_current(&self.path));
         match reopened {
             Ok(current) => {
                 info!(
                     "{} was moved or removed; started a new one",
                     self.path.display()
                 );
+                if !self.remove_cut_line() {
+                    // The new file starts on a whole line all the same.
+                    let cut = self.pending.cut_len();
+                    self.pending.unwrite(cut);
+                    warn!("the file moved away keeps a cut line of {cut} bytes at its end");
+                }
                 let moved = std::mem::replace(&mut self.current, current);
                 let name = format!("the file moved away from {}", self.path.display());
                 self.syncer.sync(moved.file, name);
@@ -444,6 +506,27 @@ impl Pending {
         Ok(n)
     }
 
+    /// Bytes of the line written in part: the first batch's bytes written
+    /// since its last newline (a batch holds whole lines, so a line never
+    /// starts in an earlier batch).
+    fn cut_len(&self) -> usize {
+        let Some(front) = self.batches.front() else {
+            return 0;
+        };
+        let written = &front[..self.written];
+        match written.iter().rposition(|&byte| byte == b'\n') {
+            Some(end) => written.len() - end - 1,
+            None => written.len(),
+        }
+    }
+
+    /// Takes back the last `n` bytes written of the first batch, to be
+    /// written again.
+    fn unwrite(&mut self, n: usize) {
+        self.written -= n;
+        self.bytes += n;
+    }
+
     fn consume(&mut self, mut n: usize) {
         self.bytes -= n;
         while let Some(front) = self.batches.front() {
@@ -473,11 +556,7 @@ fn until_next_second(now: SystemTime) -> Duration {
 /// Opens (or creates) the current file for append. A last line cut short
 /// by a crash is ended with a newline, so the next line stays whole.
 fn open_current(path: &Path) -> io::Result<Current> {
-    let mut file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .read(true)
-        .open(path)?;
+    let mut file = open_message_file(path)?;
     let metadata = file.metadata()?;
     let mut size = metadata.len();
     if size > 0 {
@@ -502,6 +581,61 @@ fn open_current(path: &Path) -> io::Result<Current> {
     })
 }
 
+/// Opens the message file `path` for append (and read); one that does not
+/// exist is created 0640, whatever the umask.
+fn open_message_file(path: &Path) -> io::Result<File> {
+    let mut existing = OpenOptions::new();
+    existing.append(true).read(true);
+    let mut new = existing.clone();
+    new.create_new(true).mode(FILE_MODE);
+    // A file removed between the two opens is created at the second round.
+    for _ in 0..2 {
+        match new.open(path) {
+            Ok(file) => {
+                file.set_permissions(Permissions::from_mode(FILE_MODE))?;
+                return Ok(file);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        match existing.open(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            opened => return opened,
+        }
+    }
+    existing.create(true).mode(FILE_MODE).open(path)
+}
+
+/// Creates the data folder `dir`, and the folders above it that are
+/// missing, 0750 whatever the umask. An existing folder is left as it is.
+/// Public so that the daemon makes it before its control socket, which
+/// may be made in it.
+pub fn create_data_dir(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    DirBuilder::new()
+        .recursive(true)
+        .mode(FOLDER_MODE)
+        .create(dir)?;
+    fs::set_permissions(dir, Permissions::from_mode(FOLDER_MODE))
+}
+
+/// Says so when every local user may enter or read the data folder.
+fn warn_if_open_to_everyone(dir: &Path) {
+    let Ok(metadata) = fs::metadata(dir) else {
+        return;
+    };
+    let mode = metadata.mode() & 0o7777;
+    if mode & 0o007 != 0 {
+        warn!(
+            "the data folder {} is open to every local user (mode {mode:04o}), and message \
+             files hold device payloads: `chmod o-rwx` it unless that is meant",
+            dir.display()
+        );
+    }
+}
+
 /// Takes the folder's lock file, so that two daemons never write one
 /// folder (the second one stops at start).
 fn lock_folder(dir: &Path) -> io::Result<File> {
@@ -509,6 +643,7 @@ fn lock_folder(dir: &Path) -> io::Result<File> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(FILE_MODE)
         .open(dir.join(LOCK_FILE))?;
     // SAFETY: flock on a descriptor we own; it is released when the file closes.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
@@ -522,4 +657,28 @@ fn lock_folder(dir: &Path) -> io::Result<File> {
         return Err(error);
     }
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_written_in_part_is_taken_back_whole() {
+        let mut pending = Pending::default();
+        pending.push(b"one\ntwo\n".to_vec());
+        pending.push(b"three\n".to_vec());
+        assert_eq!(pending.cut_len(), 0);
+        pending.consume(6);
+        assert_eq!((pending.cut_len(), pending.bytes), (2, 8));
+        pending.unwrite(2);
+        assert_eq!((pending.cut_len(), pending.bytes), (0, 10));
+        // Into the second batch: its line started at its first byte.
+        pending.consume(6);
+        assert_eq!((pending.cut_len(), pending.bytes), (2, 4));
+        pending.unwrite(2);
+        pending.consume(6);
+        assert!(pending.is_empty());
+        assert_eq!(pending.cut_len(), 0);
+    }
 }

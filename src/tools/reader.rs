@@ -5,8 +5,12 @@
 //! `messages.jsonl`. Lines are read through one reused buffer (never a whole
 //! file in memory). A last line without its newline is held back: when
 //! following a file it may still be being written; otherwise it is a line
-//! cut short by a crash, and the caller reports and skips it.
+//! cut short by a crash, and the caller reports and skips it. Text taken
+//! from a file is shown through [`printable`]: a crafted file cannot move
+//! the cursor or rename the terminal.
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
@@ -54,9 +58,57 @@ pub fn message_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, ReadError> {
 /// Tells the user about a line that is skipped, on stderr.
 pub fn report_skipped(tool: &str, path: &Path, number: u64, why: &str) {
     eprintln!(
-        "proxy-channel {tool}: {}:{number}: skipped: {why}",
-        path.display()
+        "proxy-channel {tool}: {}:{number}: skipped: {}",
+        printable_report(&path.display().to_string()),
+        printable_report(why)
     );
+}
+
+/// Whether a terminal would act on `c` instead of showing it: the control
+/// characters (C0, DEL, C1) and the marks that reorder text on screen
+/// (bidirectional controls).
+pub fn is_terminal_control(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `text` as it may be printed on a terminal: every control character
+/// escaped, `\xNN` below 0x80 (ESC is `\x1b`; `\n`, `\r` and `\t` by
+/// name) and `\u{NN}` above, and `\` as `\\` so that no escape in a file
+/// passes for one of ours. Borrowed when nothing needs it.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    escape_controls(text, true)
+}
+
+/// Like [`printable`] but with backslashes as they are: for our own
+/// reports, which quote what they found with Rust's escapes already.
+fn printable_report(text: &str) -> Cow<'_, str> {
+    escape_controls(text, false)
+}
+
+fn escape_controls(text: &str, backslash: bool) -> Cow<'_, str> {
+    let escaped = |c: char| (backslash && c == '\\') || is_terminal_control(c);
+    if !text.chars().any(escaped) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '\\' if backslash => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_ascii_control() => {
+                // Writing to a String cannot fail.
+                let _ = write!(out, "\\x{:02x}", u32::from(c));
+            }
+            c if is_terminal_control(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// One complete line and where it was.
@@ -135,11 +187,41 @@ impl LineReader {
     /// Whether the path now names another file than the one open (it was
     /// rotated or replaced).
     pub fn replaced(&self) -> bool {
-        match std::fs::metadata(&self.path) {
-            Ok(metadata) => (metadata.dev(), metadata.ino()) != self.identity,
-            Err(_) => false,
-        }
+        identity_of(&self.path).is_some_and(|identity| identity != self.identity)
     }
+
+    /// Device and inode of the open file.
+    pub fn identity(&self) -> (u64, u64) {
+        self.identity
+    }
+}
+
+/// Device and inode of the file at `path`, if there is one.
+pub fn identity_of(path: &Path) -> Option<(u64, u64)> {
+    let metadata = std::fs::metadata(path).ok()?;
+    Some((metadata.dev(), metadata.ino()))
+}
+
+/// Where a rotated file stands in rotation order: its time, then counter.
+pub type RotationKey = (std::time::SystemTime, u32);
+
+/// The rotated files of `dir` that come after `seen` in rotation order
+/// (all of them for `None`), oldest first.
+pub fn rotated_since(
+    dir: &Path,
+    seen: Option<RotationKey>,
+) -> Result<Vec<(RotationKey, PathBuf)>, ReadError> {
+    let files = rotation::rotated_files(dir).map_err(|e| ReadError::new(dir, e))?;
+    Ok(files
+        .into_iter()
+        .map(|file| ((file.rotated_at, file.counter), file.path))
+        .filter(|(key, _)| seen.is_none_or(|seen| *key > seen))
+        .collect())
+}
+
+/// The rotation key of a path named as a rotated file, if it is one.
+pub fn rotation_key(path: &Path) -> Option<RotationKey> {
+    rotation::parse_rotated_name(path.file_name()?.to_str()?)
 }
 
 #[cfg(test)]
@@ -191,6 +273,48 @@ mod tests {
                 "messages.jsonl"
             ]
         );
+    }
+
+    #[test]
+    fn rotated_files_since_a_key_are_the_newer_ones_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = [
+            "messages-20261126T101500Z_001.jsonl",
+            "messages-20261125T090000Z.jsonl",
+            "messages-20261126T101500Z.jsonl",
+            "messages.jsonl",
+            "notes.txt",
+        ];
+        for name in names {
+            File::create(dir.path().join(name)).unwrap();
+        }
+        let since = |seen| {
+            rotated_since(dir.path(), seen)
+                .unwrap()
+                .into_iter()
+                .map(|(_, p)| p.file_name().unwrap().to_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(since(None), [names[1], names[2], names[0]]);
+        let key = rotation_key(&dir.path().join(names[2]));
+        assert!(key.is_some());
+        assert_eq!(since(key), [names[0]]);
+        assert_eq!(since(rotation_key(&dir.path().join(names[0]))), [""; 0]);
+        assert_eq!(rotation_key(Path::new("messages.jsonl")), None);
+    }
+
+    #[test]
+    fn printable_text_escapes_every_control_character() {
+        assert!(matches!(printable("peer [::1]:4000 é"), Cow::Borrowed(_)));
+        assert_eq!(
+            printable("\u{1b}]0;x\u{7}\r\n\t\u{0}\u{7f}\u{9b}2J\u{85}\u{202e}a\\x1b"),
+            "\\x1b]0;x\\x07\\r\\n\\t\\x00\\x7f\\u{9b}2J\\u{85}\\u{202e}a\\\\x1b"
+        );
+        assert_eq!(printable_report("\"\\u{1b}\"\u{1b}"), "\"\\u{1b}\"\\x1b");
+        for c in (0..0x20).chain(0x7f..0xa0).filter_map(char::from_u32) {
+            let shown = printable(&c.to_string()).into_owned();
+            assert!(!shown.chars().any(|c| c.is_control()), "{c:?} -> {shown:?}");
+        }
     }
 
     #[test]

@@ -242,7 +242,9 @@ fn note(recorded: &mut Recorded, message: &StoredMessage<'_>, file: usize, offse
                     format!("a packet of {size} B was stored without its payload")
                 });
             }
-            recorded.stored_bytes += message.payload_size.unwrap_or(0);
+            // A crafted size must not overflow the sum (a panic in debug).
+            let size = message.payload_size.unwrap_or(0);
+            recorded.stored_bytes = recorded.stored_bytes.saturating_add(size);
             recorded.packets.push(PacketAt {
                 file,
                 offset,

@@ -3,11 +3,16 @@
 //! Each message gets a header line (local time with milliseconds, ident,
 //! peer, side, what happened) and, for data, its payload as a `hexdump -C`
 //! style dump or, with `--text`, as escaped text; `--json` passes matching
-//! lines through unchanged. Files are streamed line by line; a line that is
+//! lines through as the same JSON. No control character from a file is
+//! printed as it is: header fields go through [`printable`], payloads are
+//! escaped or dumped, and `--json` lines get JSON escapes for the few
+//! controls JSON lets stand raw. Files are streamed line by line; a line that is
 //! cut short or not ours is reported on stderr and skipped. `--follow`
-//! keeps reading the current file and moves on to the new one when it is
-//! rotated.
+//! keeps reading the current file and, when it is rotated, shows every
+//! file rotated since (several rotations may fall between two looks), in
+//! rotation order, before it moves on to the new current file.
 
+use std::borrow::Cow;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,7 +22,10 @@ use jiff::tz::TimeZone;
 use crate::store::message::{DEVICE, Micros, StoredMessage};
 use crate::store::rotation::CURRENT;
 use crate::tools::filter::Filter;
-use crate::tools::reader::{LineReader, ReadError, message_files, report_skipped};
+use crate::tools::reader::{
+    LineReader, ReadError, RotationKey, identity_of, is_terminal_control, message_files, printable,
+    report_skipped, rotated_since, rotation_key,
+};
 
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
 
@@ -55,6 +63,12 @@ pub fn run(options: &ViewOptions, out: &mut dyn Write) -> Result<ViewSummary, Re
     };
     let files = message_files(&options.paths)?;
     let follow = options.follow.then(|| follow_path(&options.paths, &files));
+    // The newest rotated file of the followed folder shown from the start.
+    let seen = follow.as_ref().and_then(|path| {
+        let dir = rotation_folder(path)?;
+        let in_dir = files.iter().filter(|f| f.parent() == Some(dir));
+        in_dir.filter_map(|f| rotation_key(f)).max()
+    });
     let mut followed = None;
     for file in &files {
         let mut reader = LineReader::open(file)?;
@@ -69,9 +83,16 @@ pub fn run(options: &ViewOptions, out: &mut dyn Write) -> Result<ViewSummary, Re
         }
     }
     if let Some(path) = follow {
-        viewer.follow(&path, followed)?;
+        viewer.follow(&path, followed, seen)?;
     }
     Ok(viewer.summary)
+}
+
+/// The folder whose rotated files the followed `path` becomes: its own
+/// folder when it is a current file (`messages.jsonl`).
+fn rotation_folder(path: &Path) -> Option<&Path> {
+    let is_current = path.file_name().is_some_and(|name| name == CURRENT);
+    is_current.then(|| path.parent()).flatten()
 }
 
 /// The file `--follow` keeps reading: the current file of the last folder
@@ -139,9 +160,15 @@ impl Viewer<'_> {
         report_skipped("view", path, number, why);
     }
 
-    /// Reads `path` as it grows, and its successor after each rotation;
-    /// `reader` is the file already open (and shown so far), if it was.
-    fn follow(&mut self, path: &Path, reader: Option<LineReader>) -> Result<(), ReadError> {
+    /// Reads `path` as it grows, and its successors after each rotation;
+    /// `reader` is the file already open (and shown so far), if it was;
+    /// `seen` the newest rotated file shown already.
+    fn follow(
+        &mut self,
+        path: &Path,
+        reader: Option<LineReader>,
+        mut seen: Option<RotationKey>,
+    ) -> Result<(), ReadError> {
         let mut reader = match reader {
             Some(reader) => reader,
             None => wait_for(path)?,
@@ -152,15 +179,58 @@ impl Viewer<'_> {
             }
             if reader.replaced() {
                 // The writer finishes a file before renaming it: take what
-                // is left, then start on the new current file.
+                // is left, then the files rotated since, then the new
+                // current file.
                 if !self.read_available(&mut reader)? {
                     return Ok(());
                 }
                 self.report_partial(&reader);
-                reader = wait_for(path)?;
+                match self.after_rotation(path, &mut seen, reader.identity())? {
+                    Some(next) => reader = next,
+                    None => return Ok(()),
+                }
                 continue;
             }
             std::thread::sleep(FOLLOW_POLL);
+        }
+    }
+
+    /// Once the followed file (`finished`, shown to its end) was rotated:
+    /// shows every file rotated after `seen`, oldest first, then opens the
+    /// current file. If another rotation came meanwhile, the file just
+    /// opened may be a rotated one already: nothing of it was shown, so the
+    /// rotated files are looked at again first. None once the output is
+    /// gone.
+    fn after_rotation(
+        &mut self,
+        path: &Path,
+        seen: &mut Option<RotationKey>,
+        finished: (u64, u64),
+    ) -> Result<Option<LineReader>, ReadError> {
+        let Some(dir) = rotation_folder(path) else {
+            return wait_for(path).map(Some);
+        };
+        loop {
+            for (key, rotated) in rotated_since(dir, *seen)? {
+                *seen = Some(key);
+                if identity_of(&rotated) == Some(finished) {
+                    continue;
+                }
+                let mut reader = match LineReader::open(&rotated) {
+                    Ok(reader) => reader,
+                    // Deleted meanwhile (retention): nothing left to show.
+                    Err(e) if e.source.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                };
+                if !self.read_available(&mut reader)? {
+                    return Ok(None);
+                }
+                self.report_partial(&reader);
+            }
+            let current = wait_for(path)?;
+            if rotated_since(dir, *seen)?.is_empty() {
+                return Ok(Some(current));
+            }
         }
     }
 }
@@ -214,7 +284,7 @@ impl Printer {
         raw: &[u8],
     ) -> Result<bool, PrintError> {
         if self.format == Format::Json {
-            out.write_all(raw)?;
+            out.write_all(&json_without_controls(raw))?;
             out.write_all(b"\n")?;
             return Ok(true);
         }
@@ -258,9 +328,39 @@ impl Printer {
         writeln!(
             out,
             "{start}{time}  {}  {}  {side:<9}  {what}{end}",
-            message.ident, message.peer
+            printable(&message.ident),
+            printable(&message.peer)
         )
     }
+}
+
+/// A line that parsed as a message, for `--json`: the same JSON, with the
+/// control characters JSON lets stand as they are written as escapes
+/// instead. In a valid line a raw DEL, C1 or bidirectional control can only
+/// be inside a string (`\u` escape), a raw CR or tab only between tokens
+/// (a space).
+fn json_without_controls(raw: &[u8]) -> Cow<'_, [u8]> {
+    let Ok(text) = std::str::from_utf8(raw) else {
+        return Cow::Owned(
+            String::from_utf8_lossy(raw)
+                .replace(is_terminal_control, " ")
+                .into_bytes(),
+        );
+    };
+    if !text.chars().any(is_terminal_control) {
+        return Cow::Borrowed(raw);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '\r' | '\t' => out.push(' '),
+            c if is_terminal_control(c) => {
+                out.push_str(&format!("\\u{:04x}", u32::from(c)));
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out.into_bytes())
 }
 
 /// `device>` for the device, `<target N` for a target's replies,
@@ -283,12 +383,12 @@ fn event_words(message: &StoredMessage<'_>) -> String {
             }
         }
         1 => match &message.target {
-            Some(target) => format!("connected to {target}"),
+            Some(target) => format!("connected to {}", printable(target)),
             None => "connected".to_string(),
         },
         2 => format!(
             "disconnected: {} (received {} B, sent {} B)",
-            message.reason.as_deref().unwrap_or("no reason given"),
+            printable(message.reason.as_deref().unwrap_or("no reason given")),
             message.bytes_received.unwrap_or(0),
             message.bytes_sent.unwrap_or(0)
         ),
@@ -392,6 +492,19 @@ mod tests {
             "00000000  40 41 42 43 44 45 46 47  48 49 4a 4b 4c 4d 4e 4f  |@ABCDEFGHIJKLMNO|\n\
              00000010  50 51                                             |PQ|\n"
         );
+    }
+
+    #[test]
+    fn json_lines_keep_their_meaning_without_raw_controls() {
+        let raw = "{\"a\":\"x\u{7f}\u{9b}\\u001b\",\r\t\"b\":1}";
+        let shown = json_without_controls(raw.as_bytes());
+        let shown = std::str::from_utf8(&shown).unwrap();
+        assert_eq!(shown, "{\"a\":\"x\\u007f\\u009b\\u001b\",  \"b\":1}");
+        let before: serde_json::Value = serde_json::from_str(raw).unwrap();
+        let after: serde_json::Value = serde_json::from_str(shown).unwrap();
+        assert_eq!(before, after);
+        let plain = b"{\"a\":1}";
+        assert!(matches!(json_without_controls(plain), Cow::Borrowed(_)));
     }
 
     #[test]
