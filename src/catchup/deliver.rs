@@ -31,22 +31,53 @@ pub const PAYLOAD_NOT_STORED: &str = "payload not stored";
 const BATCH: usize = 256 * 1024;
 
 /// How one attempt went.
-#[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// Done for good: everything sent (`caught up`), or everything up to
-    /// a packet stored without its payload (`payload not stored`).
+    /// Everything was written in full (`caught up`), or everything up to
+    /// a packet stored without its payload (`payload not stored`): done
+    /// for good. [`Finish::close`] then reads the last replies and writes
+    /// the event 2, once the caller has recorded it as done.
     Completed {
-        reason: &'static str,
         device_bytes: u64,
+        finish: Box<Finish>,
     },
-    /// The target cut it short; it is sent again in full later.
+    /// The target cut it short (its event 2 is written); it is sent again
+    /// in full later.
     CutShort(String),
     /// No connection (nothing written).
     Unreachable(String),
     /// Its lines are gone or changed: it can never be delivered.
     Lost(String),
-    /// The daemon is stopping.
+    /// The daemon is stopping (the event 2 says `shutdown`).
     Stopped,
+}
+
+/// A delivery written in full, still to be closed.
+pub struct Finish {
+    link: Link,
+    origin: Origin,
+    device: Option<Box<str>>,
+    pub reason: &'static str,
+}
+
+impl Finish {
+    /// Ends our side, reads the target's last replies (a few seconds at
+    /// most) and writes the event 2.
+    pub fn close(mut self, target: &CatchUpTarget, journal: &mut Journal, stop: &AtomicBool) {
+        self.link.finish(stop);
+        let closed = Closed {
+            reason: self.reason,
+            received: self.link.received,
+            sent: self.link.sent,
+        };
+        let device = self.device.as_deref();
+        journal.catchup(
+            self.origin,
+            target.number,
+            &target.label,
+            device,
+            Some(&closed),
+        );
+    }
 }
 
 /// Delivers `delivery` to `target`.
@@ -57,7 +88,7 @@ pub fn deliver(
     journal: &mut Journal,
     stop: &AtomicBool,
 ) -> Outcome {
-    let mut source = Source::new(delivery, files);
+    let mut source = Source::new(delivery, files, stop);
     if let Err(e) = source.check_first() {
         return Outcome::Lost(e.to_string());
     }
@@ -83,17 +114,21 @@ pub fn deliver(
         .and_then(|()| send_packets(&mut source, &mut link, target.buffer, stop));
     let (why, outcome) = match sent {
         Ok((reason, device_bytes)) => {
-            link.finish(stop);
-            (
-                reason.to_string(),
-                Outcome::Completed {
-                    reason,
-                    device_bytes,
-                },
-            )
+            let finish = Finish {
+                link,
+                origin,
+                device: delivery.device.clone(),
+                reason,
+            };
+            return Outcome::Completed {
+                device_bytes,
+                finish: Box::new(finish),
+            };
         }
         Err(Ending::Cut(Cut::Target(why))) => (why.clone(), Outcome::CutShort(why)),
-        Err(Ending::Cut(Cut::Stopped)) => (reason::SHUTDOWN.to_string(), Outcome::Stopped),
+        Err(Ending::Cut(Cut::Stopped) | Ending::Source(SourceError::Stopped)) => {
+            (reason::SHUTDOWN.to_string(), Outcome::Stopped)
+        }
         Err(Ending::Source(e)) => (
             "message file gone".to_string(),
             Outcome::Lost(e.to_string()),

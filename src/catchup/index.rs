@@ -131,6 +131,8 @@ pub struct Index {
     list_memory: usize,
     /// Connections that could not be delivered because lines were missing.
     lost: u64,
+    /// A live connection to target N was made since this was last taken.
+    target_up: bool,
 }
 
 impl Index {
@@ -154,6 +156,7 @@ impl Index {
             boundaries: boundaries.into(),
             list_memory: 0,
             lost: 0,
+            target_up: false,
         }
     }
 
@@ -178,6 +181,9 @@ impl Index {
             (source, 2) if source == self.number && self.is_ours(&message) => {
                 self.target_dropped(ident, &message);
             }
+            (source, 1) if source == self.number && self.is_ours(&message) => {
+                self.target_up = true;
+            }
             _ => {}
         }
         if let (Some(tracked), Some(device)) = (self.open.get_mut(&ident), &message.device_ident) {
@@ -195,6 +201,12 @@ impl Index {
             self.boundaries.pop_front();
             self.crashed_at(boundary);
         }
+    }
+
+    /// Whether a live connection to target N was made since the last call
+    /// (it accepts connections again).
+    pub fn take_target_up(&mut self) -> bool {
+        std::mem::take(&mut self.target_up)
     }
 
     /// The next delivery, in order.

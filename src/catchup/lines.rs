@@ -191,7 +191,7 @@ impl Tail {
             }
             // Rotated or moved away: the newer file shows once listed.
             files.refresh()?;
-            if !files.last().is_some_and(|last| last > id) {
+            if files.last().is_none_or(|last| last <= id) {
                 return Ok(None);
             }
         }

@@ -20,7 +20,7 @@ use log::{debug, info, warn};
 
 use super::deliver::{self, Outcome, PAYLOAD_NOT_STORED};
 use super::files::{Files, Pos};
-use super::index::{Delivery, Index, Key};
+use super::index::{Index, Key};
 use super::lines::Tail;
 use super::state::{self, Saved};
 use super::stats::{CatchUpStats, TargetCounters};
@@ -77,6 +77,17 @@ struct Retry {
     /// Failed connects since the last success, and when one was logged.
     failures: u64,
     logged_at: Option<Instant>,
+}
+
+impl Retry {
+    fn new() -> Retry {
+        Retry {
+            at: None,
+            pause: RETRY_FIRST,
+            failures: 0,
+            logged_at: None,
+        }
+    }
 }
 
 impl Runner {
@@ -138,12 +149,7 @@ impl Runner {
             stop,
             state_path,
             boundaries,
-            retry: Retry {
-                at: None,
-                pause: RETRY_FIRST,
-                failures: 0,
-                logged_at: None,
-            },
+            retry: Retry::new(),
             saved: None,
             save_failed: false,
             last_save: Instant::now(),
@@ -221,6 +227,11 @@ impl Runner {
                 }
             }
         }
+        // A live connection reached the target: it is back, no need to
+        // wait out the pause of a failed connect.
+        if self.index.take_target_up() && self.retry.failures > 0 {
+            self.retry.at = None;
+        }
         read > 0
     }
 
@@ -263,33 +274,38 @@ impl Runner {
         if self.retry.at.is_some_and(|at| Instant::now() < at) {
             return false;
         }
-        let Some(delivery) = self.index.next_delivery().cloned() else {
+        let Some(delivery) = self.index.next_delivery() else {
             return false;
         };
+        let (key, ident) = (delivery.key, delivery.ident);
         let outcome = deliver::deliver(
             &self.target,
-            &delivery,
+            delivery,
             &mut self.files,
             &mut self.journal,
             &self.stop,
         );
-        self.after(&delivery, outcome);
+        self.after(key, ident, outcome);
         self.publish();
         true
     }
 
-    fn after(&mut self, delivery: &Delivery, outcome: Outcome) {
+    fn after(&mut self, key: Key, ident: u64, outcome: Outcome) {
         let number = self.target.number;
-        let ident = format!("{:016x}", delivery.ident);
+        let ident = format!("{ident:016x}");
         match outcome {
             Outcome::Completed {
-                reason,
                 device_bytes,
+                finish,
             } => {
                 self.reached_again();
                 self.counters().delivered(device_bytes);
-                self.index.complete(delivery.key);
+                // Done in the state file before anything else can happen:
+                // a completed delivery is never sent again.
+                self.index.complete(key);
                 self.save();
+                let reason = finish.reason;
+                finish.close(&self.target, &mut self.journal, &self.stop);
                 if reason == PAYLOAD_NOT_STORED {
                     warn!(
                         "target {number}: catch-up of {ident} ended before a packet stored \
@@ -324,7 +340,7 @@ impl Runner {
             }
             Outcome::Lost(why) => {
                 warn!("target {number}: catch-up of {ident} is lost: {why}");
-                self.index.complete(delivery.key);
+                self.index.complete(key);
                 self.save();
             }
             Outcome::Stopped => {}
@@ -368,12 +384,7 @@ impl Runner {
                 self.target.number, self.target.label, self.retry.failures
             );
         }
-        self.retry = Retry {
-            at: None,
-            pause: RETRY_FIRST,
-            failures: 0,
-            logged_at: None,
-        };
+        self.retry = Retry::new();
     }
 
     fn idle_pause(&self) -> Duration {

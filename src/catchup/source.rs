@@ -9,6 +9,7 @@
 //! payload are held at a time.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::files::{Files, Pos};
 use super::index::{Delivery, ScanFrom, parse_ident};
@@ -37,7 +38,13 @@ pub enum SourceError {
     Changed { file: String, why: String },
     #[error("cannot read {file}: {source}")]
     Io { file: String, source: io::Error },
+    /// The daemon is stopping (a long scan looks at the flag).
+    #[error("stopped")]
+    Stopped,
 }
+
+/// Lines a scan reads between two looks at the stop flag.
+const LINES_PER_LOOK: u32 = 1024;
 
 enum Stage<'a> {
     Login,
@@ -50,15 +57,17 @@ enum Stage<'a> {
 pub struct Source<'a> {
     delivery: &'a Delivery,
     files: &'a mut Files,
+    stop: &'a AtomicBool,
     lines: Option<Lines>,
     stage: Stage<'a>,
 }
 
 impl<'a> Source<'a> {
-    pub fn new(delivery: &'a Delivery, files: &'a mut Files) -> Source<'a> {
+    pub fn new(delivery: &'a Delivery, files: &'a mut Files, stop: &'a AtomicBool) -> Source<'a> {
         Source {
             delivery,
             files,
+            stop,
             lines: None,
             stage: Stage::Login,
         }
@@ -161,7 +170,12 @@ impl<'a> Source<'a> {
                 .seek(scan.pos.offset)
                 .map_err(|e| io_error(scan.pos, e))?;
         }
+        let mut read = 0u32;
         loop {
+            read = read.wrapping_add(1);
+            if read % LINES_PER_LOOK == 0 && self.stop.load(Ordering::SeqCst) {
+                return Err(SourceError::Stopped);
+            }
             let Some(lines) = self.lines.as_mut() else {
                 return Ok(Step::End);
             };
@@ -246,5 +260,121 @@ fn io_error(pos: Pos, source: io::Error) -> SourceError {
     SourceError::Io {
         file: format!("file {}", pos.file),
         source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catchup::files::Files;
+    use crate::catchup::index::tests::{data, dropped, line};
+    use crate::catchup::index::{Index, RECENT};
+    use crate::catchup::lines::Tail;
+    use crate::catchup::target::HeaderRule;
+    use crate::config::SendProxyProtocol;
+    use crate::store::message::Message;
+
+    fn write(path: &std::path::Path, lines: &[Vec<u8>]) {
+        let mut bytes = Vec::new();
+        for line in lines {
+            bytes.extend_from_slice(line);
+            bytes.push(b'\n');
+        }
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    /// Indexes the folder and returns the bytes of its first delivery, and
+    /// how it ended.
+    fn deliver_first(dir: &std::path::Path) -> (Vec<u8>, Step) {
+        let mut files = Files::open_dir(dir).unwrap();
+        let header = HeaderRule::new(SendProxyProtocol::Off, Vec::new());
+        let mut index = Index::new(1, "127.0.0.1:7001".into(), header, None, Vec::new());
+        let mut tail = Tail::open(&mut files, Pos { file: 0, offset: 0 }).unwrap();
+        while let Some(pos) = tail.advance(&mut files).unwrap() {
+            index.line(pos, tail.line());
+        }
+        let delivery = index.next_delivery().expect("a delivery").clone();
+        let stop = AtomicBool::new(false);
+        let mut source = Source::new(&delivery, &mut files, &stop);
+        source.check_first().unwrap();
+        let mut bytes = Vec::new();
+        loop {
+            match source.next(&mut bytes).unwrap() {
+                Step::Packet => {}
+                end => return (bytes, end),
+            }
+        }
+    }
+
+    #[test]
+    fn a_delivery_reads_its_packets_back_across_a_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = |m: &mut Message<'_>| m.ident = crate::store::message::Ident(9);
+        write(
+            &dir.path().join("messages-20260101T000000Z.jsonl"),
+            &[
+                line(7, 0, 1, |_| {}),
+                line(9, 0, 1, other),
+                dropped(7, 1, "connect failed: connection refused", 0, 0),
+                data(7, b"IMEI123"),
+                data(9, b"not mine"),
+            ],
+        );
+        write(
+            &dir.path().join("messages.jsonl"),
+            &[
+                data(7, b"-two"),
+                data(7, b"-three"),
+                dropped(7, 0, "closed by peer", 17, 0),
+            ],
+        );
+        let (bytes, end) = deliver_first(dir.path());
+        assert_eq!(
+            (bytes.as_slice(), end),
+            (&b"IMEI123-two-three"[..], Step::End)
+        );
+    }
+
+    #[test]
+    fn a_drop_found_by_reading_sends_the_login_then_what_was_missed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut lines = vec![line(7, 0, 1, |_| {}), data(7, b"LOGIN")];
+        for n in 0..RECENT + 3 {
+            lines.push(data(7, format!("<{n:02}>").as_bytes()));
+        }
+        let total = 5 + 4 * (RECENT + 3) as u64;
+        // The target got the login and the first three packets, and a
+        // byte of the fourth.
+        lines.push(dropped(7, 1, "target buffer overflow", 0, 5 + 12 + 1));
+        lines.push(dropped(7, 0, "closed by peer", total, 0));
+        write(&dir.path().join("messages.jsonl"), &lines);
+        let (bytes, end) = deliver_first(dir.path());
+        let mut expected = b"LOGIN".to_vec();
+        for n in 3..RECENT + 3 {
+            expected.extend_from_slice(format!("<{n:02}>").as_bytes());
+        }
+        assert_eq!(
+            String::from_utf8(bytes).unwrap(),
+            String::from_utf8(expected).unwrap()
+        );
+        assert_eq!(end, Step::End);
+    }
+
+    #[test]
+    fn a_packet_stored_without_its_payload_ends_the_delivery_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            &dir.path().join("messages.jsonl"),
+            &[
+                line(7, 0, 1, |_| {}),
+                dropped(7, 1, "connect failed: connection refused", 0, 0),
+                data(7, b"LOGIN"),
+                line(7, 0, 0, |m| m.payload_size = Some(5000)),
+                data(7, b"after"),
+                dropped(7, 0, "closed by peer", 5010, 0),
+            ],
+        );
+        let (bytes, end) = deliver_first(dir.path());
+        assert_eq!((bytes.as_slice(), end), (&b"LOGIN"[..], Step::NotStored));
     }
 }
