@@ -48,6 +48,10 @@ impl Recorder {
     fn start(addr: &str, mode: Mode) -> Recorder {
         let addr: SocketAddr = addr.parse().unwrap();
         let listener = bind(addr);
+        if let Mode::Slow { .. } = mode {
+            // Or the kernel takes megabytes for the slow reader.
+            small_receive_buffer(&listener);
+        }
         listener.set_nonblocking(true).unwrap();
         let conns = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -514,7 +518,7 @@ fn a_delivery_cut_by_sigterm_is_sent_again_in_full_and_the_stop_is_prompt() {
     let mut first = Daemon::start_in(dir.path(), &as_refs(&vars));
     let mut log = first.log();
     let mut sent = Sent::connect(&first, &mut log);
-    let backlog = random_bytes(5, 2 << 20);
+    let backlog = random_bytes(5, 8 << 20);
     sent.device.send_in_random_writes(&backlog, 5);
     sent.bytes = backlog.clone();
     let (ident, _) = sent.close(&mut log);
@@ -658,8 +662,9 @@ fn a_backlog_past_retention_is_lost_and_logged() {
     }
     device.shutdown_write();
     device.read_until_end(secs(5));
-    let lost = daemon.wait_log("catch-up of ", 1, secs(10));
-    assert!(lost[0].contains("is lost"), "{lost:?}");
+    // Lost for a delivery whose file is gone, or for a file deleted
+    // before catch-up read it: either way the log says so.
+    daemon.wait_log("is lost", 1, secs(10));
     drop(down);
     let target = Recorder::start(&address, Mode::Record);
     poke(&daemon);
@@ -748,7 +753,7 @@ fn a_slow_catch_up_does_not_slow_live_round_trips() {
         ("PROXY_TARGET2_REPLIES", "false"),
     ]);
     let mut log = daemon.log();
-    let backlog = random_bytes(99, 4 << 20);
+    let backlog = random_bytes(99, 8 << 20);
     let mut device = Device::connect(daemon.addr());
     let ident = log.wait_ident(device.name(), secs(5));
     device.send_in_random_writes(&backlog, 5);

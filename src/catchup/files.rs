@@ -49,12 +49,12 @@ pub struct FileRef {
 }
 
 impl FileRef {
-    /// The same file: same inode, and neither head contradicts the other.
-    fn same_file(&self, other: &FileRef) -> bool {
-        let shared = self.head.len().min(other.head.len());
-        self.dev == other.dev
-            && self.ino == other.ino
-            && self.head[..shared] == other.head[..shared]
+    /// Whether this (found now) is the file `known` (seen before): the
+    /// same inode, and its first bytes start with those seen then (a
+    /// message file only grows). A file created after `known` was deleted
+    /// may get its inode, but not its first line (an ident and a time).
+    fn is(&self, known: &FileRef) -> bool {
+        self.dev == known.dev && self.ino == known.ino && self.head.starts_with(&known.head)
     }
 }
 
@@ -96,14 +96,20 @@ pub struct Files {
 }
 
 impl Files {
-    /// Numbers the files in `dir` as they are now.
+    /// Numbers the files in `dir` as they are now (all of them exist at
+    /// once, so their inodes tell them apart).
     pub fn open_dir(dir: &Path) -> io::Result<Files> {
-        let mut files = Files {
+        let mut known = Vec::new();
+        for path in list(dir)? {
+            // A file deleted between the listing and now is simply not here.
+            if let Ok(found) = identify(&path) {
+                known.push(found);
+            }
+        }
+        Ok(Files {
             dir: dir.to_path_buf(),
-            known: Vec::new(),
-        };
-        files.refresh()?;
-        Ok(files)
+            known,
+        })
     }
 
     /// The newest file known, if any.
@@ -122,73 +128,109 @@ impl Files {
         self.known.get(id as usize)
     }
 
-    /// The number of the file `wanted` stands for, if it is still here.
+    /// The number of the file `wanted` (as seen before) stands for, if it
+    /// is still here.
     pub fn find(&self, wanted: &FileRef) -> Option<FileId> {
+        let rotated = wanted.name != CURRENT;
         self.known
             .iter()
-            .rposition(|known| known.same_file(wanted))
+            .rposition(|known| known.is(wanted) && (!rotated || known.name == wanted.name))
             .map(to_id)
     }
 
-    /// Lists the folder again: renamed files keep their number, new files
-    /// get the next ones, in reading order. A file it does not know that
-    /// lists before the newest one it knows (put back by hand) is not ours
-    /// to read.
-    pub fn refresh(&mut self) -> io::Result<()> {
-        // The newest known file and where it is in the listing.
-        let mut newest: Option<(FileId, usize)> = None;
-        let mut unknown = Vec::new();
-        for (index, path) in list(&self.dir)?.into_iter().enumerate() {
-            // A file deleted between the listing and now is simply not here.
-            let Ok(found) = identify(&path) else { continue };
-            match self.known.iter().rposition(|k| k.same_file(&found)) {
-                Some(index_known) => {
-                    let id = to_id(index_known);
-                    let known = &mut self.known[index_known];
-                    known.name = found.name;
-                    if found.head.len() > known.head.len() {
-                        known.head = found.head;
-                    }
-                    if newest.is_none_or(|(newest_id, _)| id > newest_id) {
-                        newest = Some((id, index));
-                    }
+    /// Looks for files newer than `id`, the newest known, which the caller
+    /// holds open as `held` (so no other file can have its inode): rotated
+    /// files of names not known yet, then `messages.jsonl` if it is another
+    /// file. They get the next numbers, in reading order. Also learns
+    /// `id`'s new name if it was rotated.
+    pub fn discover(&mut self, id: FileId, held: &File) -> io::Result<()> {
+        if self.last() != Some(id) {
+            return Ok(());
+        }
+        let holding = self.learn(id, held)?;
+        let mut fresh = Vec::new();
+        for path in list(&self.dir)? {
+            let Ok(metadata) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if (metadata.dev(), metadata.ino()) == holding {
+                continue;
+            }
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            let known = name
+                .as_deref()
+                .is_some_and(|name| name != CURRENT && self.known.iter().any(|k| k.name == name));
+            if !known {
+                if let Ok(found) = identify(&path) {
+                    fresh.push(found);
                 }
-                None => unknown.push((index, found)),
             }
         }
-        let after = newest.map(|(_, index)| index);
-        for (index, found) in unknown {
-            if after.is_none_or(|after| index > after) {
-                self.known.push(found);
-            }
-        }
+        self.known.extend(fresh);
         Ok(())
     }
 
-    /// Opens file `id` for reading, checking that its name still stands
-    /// for it (listing again if it was renamed); NotFound once it is gone.
+    /// Records the name and first bytes of file `id` as it is now, from
+    /// `held`, the caller's open copy of it; its device and inode.
+    pub fn learn(&mut self, id: FileId, held: &File) -> io::Result<(u64, u64)> {
+        let Some(known) = self.known.get_mut(id as usize) else {
+            return Err(io::ErrorKind::NotFound.into());
+        };
+        let now = identify_open(held, Path::new(""))?;
+        if now.head.len() > known.head.len() && now.is(known) {
+            known.head = now.head;
+        }
+        let holding = (now.dev, now.ino);
+        for path in list(&self.dir)? {
+            let same = std::fs::metadata(&path).is_ok_and(|m| (m.dev(), m.ino()) == holding);
+            if same {
+                if let Some(name) = path.file_name() {
+                    known.name = name.to_string_lossy().into_owned();
+                }
+                break;
+            }
+        }
+        Ok(holding)
+    }
+
+    /// Opens file `id` for reading, checking that it is the file seen then
+    /// (looking for its rotated name if it was rotated since); NotFound
+    /// once it is gone.
     pub fn open(&mut self, id: FileId) -> io::Result<File> {
-        for attempt in 0..2 {
-            let Some(known) = self.known.get(id as usize) else {
-                return Err(io::ErrorKind::NotFound.into());
-            };
+        let gone = || io::Error::new(io::ErrorKind::NotFound, format!("file {id} is gone"));
+        let Some(known) = self.known.get(id as usize) else {
+            return Err(gone());
+        };
+        // A file newer than it exists: `messages.jsonl` is not it any more.
+        let stale = known.name == CURRENT && self.last() != Some(id);
+        if !stale {
             let path = self.dir.join(&known.name);
             if let Ok(file) = File::open(&path) {
-                if identify_open(&file, &path).is_ok_and(|found| found.same_file(known)) {
+                if identify_open(&file, &path).is_ok_and(|found| found.is(known)) {
                     return Ok(file);
                 }
             }
-            if attempt == 0 {
-                self.refresh()?;
+        }
+        // Rotated since it was seen: its inode under a rotated name.
+        for path in list(&self.dir)? {
+            if path.file_name().is_some_and(|n| n == CURRENT) {
+                continue;
+            }
+            let Ok(file) = File::open(&path) else {
+                continue;
+            };
+            if let Ok(found) = identify_open(&file, &path) {
+                if found.is(known) {
+                    self.known[id as usize].name = found.name;
+                    return Ok(file);
+                }
             }
         }
-        Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("{} is gone", self.name(id)),
-        ))
+        Err(gone())
     }
 
-    /// Whether `messages.jsonl` is still file `id` (not rotated away).
+    /// Whether `messages.jsonl` is still file `id`, which the caller holds
+    /// open (not rotated away).
     pub fn is_current(&self, id: FileId) -> bool {
         let Some(known) = self.known.get(id as usize) else {
             return false;
@@ -213,4 +255,53 @@ fn list(dir: &Path) -> io::Result<Vec<PathBuf>> {
         paths.push(current);
     }
     Ok(paths)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    #[test]
+    fn a_rotated_file_keeps_its_number_and_new_files_come_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let current = dir.path().join(CURRENT);
+        fs::write(&current, "{\"first\":1}\n").unwrap();
+        let mut files = Files::open_dir(dir.path()).unwrap();
+        assert_eq!(files.last(), Some(0));
+        let first = files.file_ref(0).unwrap().clone();
+        let held = files.open(0).unwrap();
+        fs::rename(&current, dir.path().join("messages-20261130T000000Z.jsonl")).unwrap();
+        fs::write(&current, "{\"second\":2}\n").unwrap();
+        assert!(!files.is_current(0));
+        files.discover(0, &held).unwrap();
+        assert_eq!(files.last(), Some(1));
+        assert_eq!(files.name(0), "messages-20261130T000000Z.jsonl");
+        assert_eq!(files.find(&first), Some(0));
+        assert!(files.is_current(1));
+        assert!(files.open(0).is_ok());
+    }
+
+    #[test]
+    fn a_new_file_with_a_deleted_files_inode_is_not_taken_for_it() {
+        let old = FileRef {
+            dev: 1,
+            ino: 7,
+            name: CURRENT.into(),
+            head: b"{\"ident\":\"00ab\"}".to_vec(),
+        };
+        let reused = |head: &[u8]| FileRef {
+            head: head.to_vec(),
+            ..old.clone()
+        };
+        assert!(!reused(b"").is(&old), "a new empty file");
+        assert!(
+            !reused(b"{\"ident\":\"77ff\"}").is(&old),
+            "a new file with content"
+        );
+        assert!(
+            reused(b"{\"ident\":\"00ab\"}\n{\"more\"").is(&old),
+            "the same file, grown"
+        );
+    }
 }

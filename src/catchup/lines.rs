@@ -48,6 +48,11 @@ impl Lines {
         self.file
     }
 
+    /// The open file.
+    pub fn handle(&self) -> &File {
+        self.reader.get_ref()
+    }
+
     /// Where the next line starts.
     pub fn position(&self) -> Pos {
         let offset = match self.complete {
@@ -190,7 +195,7 @@ impl Tail {
                 return Ok(None);
             }
             // Rotated or moved away: the newer file shows once listed.
-            files.refresh()?;
+            files.discover(id, self.lines.handle())?;
             if files.last().is_none_or(|last| last <= id) {
                 return Ok(None);
             }
@@ -207,6 +212,8 @@ impl Tail {
                 files.name(from)
             );
         }
+        // Its rotated name, for deliveries that read it later.
+        files.learn(from, self.lines.handle())?;
         let Some(last) = files.last() else {
             return Ok(false);
         };
@@ -218,8 +225,8 @@ impl Tail {
                     return Ok(true);
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => warn!(
-                    "catch-up: {} was deleted before catch-up read it (retention?); \
-                     what it held cannot be caught up",
+                    "catch-up: {} was deleted before it was read (retention?): the backlog \
+                     in it is lost",
                     files.name(next)
                 ),
                 Err(e) => return Err(e),
