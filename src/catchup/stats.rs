@@ -36,6 +36,13 @@ pub struct CatchUpCounts {
     pub delivered_bytes: u64,
 }
 
+impl CatchUpCounts {
+    /// Whether no side has catch-up on.
+    pub fn all_off(counts: &[CatchUpCounts; SIDES]) -> bool {
+        counts.iter().all(|c| !c.enabled)
+    }
+}
+
 impl CatchUpStats {
     /// The counts of every side (only targets can be enabled).
     pub fn counts(&self) -> [CatchUpCounts; SIDES] {

@@ -213,8 +213,9 @@ pub struct Snapshot {
     pub messages_written: u64,
     pub writer_queue_depth: u64,
     pub write_errors: u64,
-    /// Per side (targets only): catch-up's backlog and deliveries.
-    #[serde(default)]
+    /// Per side (targets only): catch-up's backlog and deliveries; left
+    /// out of the JSON while no target has catch-up on.
+    #[serde(default, skip_serializing_if = "CatchUpCounts::all_off")]
     pub catch_up: [CatchUpCounts; SIDES],
 }
 
