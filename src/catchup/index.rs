@@ -339,32 +339,8 @@ impl Index {
         let header = self.header.length(tracked.peer);
         let sent = message.bytes_sent.unwrap_or(0);
         let delivered = sent.saturating_sub(header).min(tracked.stored);
-        let mut miss = Miss {
-            delivered,
-            listed: PacketList::default(),
-            scan: None,
-            bytes: 0,
-        };
         let recent = std::mem::take(recent);
-        let reaches_back = recent.len() as u64 == tracked.packets
-            || recent
-                .front()
-                .is_some_and(|(packet, end)| end - packet.size <= delivered);
-        if !reaches_back {
-            miss.scan = Some(ScanFrom {
-                pos: tracked.start,
-                stored_before: 0,
-            });
-            miss.bytes = tracked.stored - delivered;
-        }
-        for (packet, end) in recent.into_iter().filter(|(_, end)| *end > delivered) {
-            if reaches_back {
-                miss.bytes += packet.size;
-                if miss.scan.is_none() {
-                    list(&mut miss, packet, end - packet.size, &mut self.list_memory);
-                }
-            }
-        }
+        let miss = missed_so_far(tracked, recent, delivered, &mut self.list_memory);
         tracked.fate = Fate::Missed(miss);
     }
 
@@ -448,6 +424,43 @@ impl Index {
         }
         self.starts.remove(&(tracked.start, ident));
     }
+}
+
+/// What target N missed of `tracked` up to its drop, having got the first
+/// `delivered` device bytes: the last packets if they reach back that far,
+/// else everything from the connection's start, found by reading.
+fn missed_so_far(
+    tracked: &Tracked,
+    recent: VecDeque<(PacketAt, u64)>,
+    delivered: u64,
+    memory: &mut usize,
+) -> Miss {
+    let mut miss = Miss {
+        delivered,
+        listed: PacketList::default(),
+        scan: None,
+        bytes: 0,
+    };
+    let reaches_back = recent.len() as u64 == tracked.packets
+        || recent
+            .front()
+            .is_some_and(|(packet, end)| end - packet.size <= delivered);
+    if !reaches_back {
+        miss.scan = Some(ScanFrom {
+            pos: tracked.start,
+            stored_before: 0,
+        });
+        // A lower bound: the first missed packet may start before.
+        miss.bytes = tracked.stored - delivered;
+        return miss;
+    }
+    for (packet, end) in recent.into_iter().filter(|(_, end)| *end > delivered) {
+        miss.bytes += packet.size;
+        if miss.scan.is_none() {
+            list(&mut miss, packet, end - packet.size, memory);
+        }
+    }
+    miss
 }
 
 /// Lists a missed packet, or from it on has the rest found by reading

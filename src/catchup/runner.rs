@@ -367,7 +367,7 @@ impl Runner {
         self.retry.logged_at = Some(Instant::now());
         let (connections, bytes) = self.index.backlog();
         warn!(
-            "target {}: catch-up cannot connect to {} ({why}; {} attempts): {connections} \
+            "target {}: catch-up cannot connect to {} ({why}, attempt {}): {connections} \
              missed connections ({bytes} bytes) wait; next attempt in {}",
             self.target.number,
             self.target.label,
