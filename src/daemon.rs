@@ -21,6 +21,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::catchup::{self, Boundary, CatchUpSetup};
 use crate::config::Config;
 use crate::control::server::{self as control_server, Control, ControlSetup};
 use crate::control::stats::{Counters, Registry};
@@ -91,8 +92,14 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         Arc::clone(&rotate_requested),
     )?;
     info!("writing messages to {}", store.path().display());
+    // Before the writer adds a line: where this run's lines start.
+    let boundary = Boundary::capture(&config.data_dir);
     log_descriptor_room(&config);
     let listeners = bind_all(&config.listen)?;
+    let listening: Vec<SocketAddr> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
 
     let (store_sender, store_receiver) = crossbeam_channel::bounded(STORE_QUEUE);
     let pool = BufferPool::new();
@@ -131,6 +138,24 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         worker_threads.push(thread);
     }
     start_resolvers(&config, &settings, &addresses, &handles)?;
+    let catch_up = catchup::start(
+        CatchUpSetup {
+            config: &config,
+            listening,
+            boundary,
+            stats: Arc::clone(&registry.catch_up),
+        },
+        || {
+            let counters = Arc::new(Counters::default());
+            registry.catch_up_journals.push(Arc::clone(&counters));
+            Journal::new(
+                store_sender.clone(),
+                pool.clone(),
+                journal_settings,
+                counters,
+            )
+        },
+    )?;
     let (control, control_thread) = Control::spawn(ControlSetup {
         socket: control_socket,
         workers: handles.clone(),
@@ -178,6 +203,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     }
 
     stopping.store(true, Ordering::SeqCst);
+    catch_up.stop();
     acceptor.stop();
     join("acceptor", acceptor_thread);
     for handle in &handles {
@@ -186,6 +212,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     for thread in worker_threads {
         join("worker", thread);
     }
+    catch_up.join();
     control.stop();
     join("control", control_thread);
     drop(handles);

@@ -25,6 +25,9 @@
 //!   per-thread [`control::stats`] counters;
 //! - a **resolver** thread per target host name ([`net::resolver`]) keeps
 //!   its address fresh so that workers never wait on DNS;
+//! - a **catch-up** thread per target with PROXY_TARGETn_CATCH_UP
+//!   ([`catchup`]) reads the message files back and delivers to its target
+//!   what it missed while it was down, over connections of its own;
 //! - the main thread ([`daemon`]) starts all of this, then waits for
 //!   signals: SIGHUP rotates, SIGTERM/SIGINT shut down.
 //!
@@ -33,6 +36,7 @@
 //! [`cli`] parses their command lines.
 #![deny(rust_2018_idioms)]
 
+pub mod catchup;
 pub mod cli;
 pub mod config;
 pub mod control;

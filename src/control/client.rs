@@ -146,6 +146,17 @@ fn print_stats(reply: &StatsReply, out: &mut dyn Write) -> Result<(), CtlError> 
         if !drops.is_empty() {
             writeln!(out, "{name:<9} dropped: {}", drops.join(", "))?;
         }
+        let catch_up = s.catch_up[side];
+        if catch_up.enabled {
+            writeln!(
+                out,
+                "{name:<9} catch-up backlog {} connections ({} B), delivered {} connections ({} B)",
+                catch_up.backlog_connections,
+                catch_up.backlog_bytes,
+                catch_up.delivered_connections,
+                catch_up.delivered_bytes
+            )?;
+        }
     }
     writeln!(out, "messages made          {}", s.messages_queued)?;
     writeln!(out, "messages written       {}", s.messages_written)?;

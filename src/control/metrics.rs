@@ -156,6 +156,8 @@ pub fn render(snapshot: &Snapshot, targets: &[u8]) -> String {
         }
     }
 
+    catch_up(&mut text, s, targets);
+
     family(
         &mut text,
         "messages_total",
@@ -185,6 +187,51 @@ pub fn render(snapshot: &Snapshot, targets: &[u8]) -> String {
     );
     sample(&mut text, "write_errors_total", "", s.write_errors);
     text
+}
+
+/// Catch-up's backlog and deliveries, for the targets that have it on.
+fn catch_up(text: &mut String, s: &Snapshot, targets: &[u8]) {
+    let on: Vec<u8> = targets
+        .iter()
+        .copied()
+        .filter(|&n| s.catch_up.get(usize::from(n)).is_some_and(|c| c.enabled))
+        .collect();
+    let families: [(&str, &str, &str, PerTarget); 4] = [
+        (
+            "catchup_backlog_connections",
+            "gauge",
+            "Device connections whose missed bytes catch-up has not delivered to the target yet.",
+            |s, n| s.catch_up[n].backlog_connections,
+        ),
+        (
+            "catchup_backlog_bytes",
+            "gauge",
+            "Device bytes the target missed that catch-up has not delivered yet.",
+            |s, n| s.catch_up[n].backlog_bytes,
+        ),
+        (
+            "catchup_delivered_connections_total",
+            "counter",
+            "Catch-up deliveries completed to the target.",
+            |s, n| s.catch_up[n].delivered_connections,
+        ),
+        (
+            "catchup_delivered_bytes_total",
+            "counter",
+            "Device bytes catch-up delivered to the target.",
+            |s, n| s.catch_up[n].delivered_bytes,
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        if on.is_empty() {
+            continue;
+        }
+        family(text, name, kind, help);
+        for &target in &on {
+            let labels = format!("target=\"{target}\"");
+            sample(text, name, &labels, value(s, usize::from(target)));
+        }
+    }
 }
 
 fn family(text: &mut String, name: &str, kind: &str, help: &str) {
@@ -261,6 +308,14 @@ mod tests {
         assert!(text.contains("# TYPE proxy_channel_target_bytes_sent_total counter\n"));
         assert!(text.contains("proxy_channel_target_bytes_sent_total{target=\"2\"} 42\n"));
         assert!(!text.contains("target=\"1\""));
+        assert!(
+            !text.contains("catchup"),
+            "no catch-up series while it is off"
+        );
+        snapshot.catch_up[2].enabled = true;
+        snapshot.catch_up[2].backlog_bytes = 7;
+        let text = render(&snapshot, &[2]);
+        assert!(text.contains("proxy_channel_catchup_backlog_bytes{target=\"2\"} 7\n"));
         let mut declared = std::collections::HashSet::new();
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::catchup::stats::{CatchUpCounts, CatchUpStats};
 use crate::net::reason;
 
 /// The device plus three targets.
@@ -188,6 +189,9 @@ pub struct Registry {
     pub workers: Vec<Arc<Counters>>,
     pub acceptor: Arc<Counters>,
     pub writer: Arc<Counters>,
+    /// The catch-up threads' journals (their messages).
+    pub catch_up_journals: Vec<Arc<Counters>>,
+    pub catch_up: Arc<CatchUpStats>,
 }
 
 /// The sum of all counters at one moment.
@@ -209,6 +213,10 @@ pub struct Snapshot {
     pub messages_written: u64,
     pub writer_queue_depth: u64,
     pub write_errors: u64,
+    /// Per side (targets only): catch-up's backlog and deliveries; left
+    /// out of the JSON while no target has catch-up on.
+    #[serde(default, skip_serializing_if = "CatchUpCounts::all_off")]
+    pub catch_up: [CatchUpCounts; SIDES],
 }
 
 impl Registry {
@@ -222,6 +230,7 @@ impl Registry {
             messages_written: get(&self.writer.messages),
             writer_queue_depth: writer_queue_depth as u64,
             write_errors: get(&self.writer.write_errors),
+            catch_up: self.catch_up.counts(),
             ..Snapshot::default()
         };
         let mut closed = 0;
@@ -241,6 +250,9 @@ impl Registry {
                     s.drops[side][kind] += get(&counters.drops[side][kind]);
                 }
             }
+        }
+        for journal in &self.catch_up_journals {
+            s.messages_queued += get(&journal.messages);
         }
         s.connections_open = opened.saturating_sub(closed);
         let connect_failed = [DropKind::ConnectFailed, DropKind::ConnectTimeout]

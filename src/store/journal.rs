@@ -162,6 +162,33 @@ impl Journal {
         self.write(&message);
     }
 
+    /// A catch-up delivery's event 1 (`close` None) or event 2, for
+    /// target `source`: `proxy.catchup: true`, and the device's ident if
+    /// it was recognised. Handed to the writer at once.
+    pub fn catchup(
+        &mut self,
+        origin: Origin,
+        source: u8,
+        target: &str,
+        device_ident: Option<&str>,
+        close: Option<&Closed<'_>>,
+    ) {
+        let event = match close {
+            Some(_) => Event::Dropped,
+            None => Event::Connected,
+        };
+        let mut message = self.message(origin, event, source, Some(target));
+        message.device_ident = device_ident;
+        message.catchup = true;
+        if let Some(close) = close {
+            message.reason = Some(close.reason);
+            message.bytes_received = Some(close.received);
+            message.bytes_sent = Some(close.sent);
+        }
+        self.write(&message);
+        self.flush();
+    }
+
     /// Hands the batch to the writer; called at the end of every loop
     /// iteration so that lines reach the file promptly.
     pub fn flush(&mut self) {
@@ -200,6 +227,8 @@ impl Journal {
             reason: None,
             bytes_received: None,
             bytes_sent: None,
+            device_ident: None,
+            catchup: false,
         }
     }
 

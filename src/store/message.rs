@@ -112,6 +112,10 @@ pub struct Message<'a> {
     pub reason: Option<&'a str>,
     pub bytes_received: Option<u64>,
     pub bytes_sent: Option<u64>,
+    /// `device.ident`: the device's own identifier, once recognised.
+    pub device_ident: Option<&'a str>,
+    /// `proxy.catchup: true` on the messages of a catch-up delivery.
+    pub catchup: bool,
 }
 
 impl Message<'_> {
@@ -121,7 +125,7 @@ impl Message<'_> {
         const KEYS_AND_NUMBERS: usize = 320;
         let text = |part: Option<&str>| part.map_or(0, str::len);
         let hex = self.payload.map_or(0, |payload| payload.len() * 2);
-        KEYS_AND_NUMBERS + text(self.target) + text(self.reason) + hex
+        KEYS_AND_NUMBERS + text(self.target) + text(self.reason) + text(self.device_ident) + hex
     }
 
     /// Appends the message to `out` as one JSON object, keys in the
@@ -178,6 +182,13 @@ impl Message<'_> {
         if let Some(sent) = self.bytes_sent {
             out.extend_from_slice(b",\"proxy.bytes.sent\":");
             write_number(out, sent);
+        }
+        if let Some(device) = self.device_ident {
+            out.extend_from_slice(b",\"device.ident\":");
+            write_json_string(out, device);
+        }
+        if self.catchup {
+            out.extend_from_slice(b",\"proxy.catchup\":true");
         }
         out.push(b'}');
     }
@@ -261,6 +272,14 @@ pub struct StoredMessage<'a> {
     pub bytes_received: Option<u64>,
     #[serde(rename = "proxy.bytes.sent")]
     pub bytes_sent: Option<u64>,
+    #[serde(rename = "device.ident", borrow)]
+    pub device_ident: Option<Cow<'a, str>>,
+    /// True on the messages of a catch-up delivery.
+    #[serde(rename = "proxy.catchup", default)]
+    pub catchup: bool,
+    /// `udp` on the messages of a UDP session.
+    #[serde(rename = "proxy.transport", borrow)]
+    pub transport: Option<Cow<'a, str>>,
 }
 
 impl<'a> StoredMessage<'a> {
@@ -298,6 +317,8 @@ mod tests {
             reason: None,
             bytes_received: None,
             bytes_sent: None,
+            device_ident: None,
+            catchup: false,
         }
     }
 
@@ -346,6 +367,35 @@ mod tests {
             String::from_utf8(escaped).unwrap(),
             serde_json::to_string(reason).unwrap()
         );
+    }
+
+    #[test]
+    fn catch_up_keys_follow_the_byte_counts_and_read_back() {
+        let mut message = sample(b"");
+        message.event = Event::Dropped as u8;
+        message.source = 2;
+        message.payload = None;
+        message.payload_size = None;
+        message.target = Some("10.0.0.7:5000");
+        message.reason = Some("caught up");
+        message.bytes_received = Some(0);
+        message.bytes_sent = Some(17);
+        message.device_ident = Some("356307042441013");
+        message.catchup = true;
+        let text = line(&message);
+        assert!(
+            text.ends_with(
+                r#","proxy.bytes.sent":17,"device.ident":"356307042441013","proxy.catchup":true}"#
+            ),
+            "{text}"
+        );
+        let stored = StoredMessage::parse(text.as_bytes()).unwrap();
+        assert!(stored.catchup);
+        assert_eq!(stored.device_ident.as_deref(), Some("356307042441013"));
+        assert_eq!(stored.transport, None);
+        let live = line(&sample(b"x"));
+        let stored = StoredMessage::parse(live.as_bytes()).unwrap();
+        assert!(!stored.catchup && stored.device_ident.is_none());
     }
 
     #[test]
