@@ -50,6 +50,8 @@ impl Written {
             reason: self.reason.as_deref(),
             bytes_received: self.bytes.map(|(received, _)| received),
             bytes_sent: self.bytes.map(|(_, sent)| sent),
+            device_ident: None,
+            catchup: false,
         };
         let mut line = Vec::new();
         message.write_json(&mut line);
