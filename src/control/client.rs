@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::control::stats::{DropKind, Refusal, Snapshot};
+use crate::control::stats::{DropKind, Refusal, Snapshot, UdpDrop, UdpSnapshot};
 use crate::net::connection::ConnectionReport;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,11 +102,16 @@ fn print_list(value: &Value, out: &mut dyn Write) -> Result<(), CtlError> {
                 )
             })
             .collect();
+        // A UDP session's peer reads `ip:port/udp`, as services name ports.
+        let peer = match &c.transport {
+            Some(transport) => format!("{}/{transport}", c.peer),
+            None => c.peer.clone(),
+        };
         writeln!(
             out,
             "{:<16}  {:<22}  {:>8.1}s  {:>7.1}s  {:>12}  {:>12}  {}",
             c.ident,
-            c.peer,
+            peer,
             c.age_seconds,
             c.idle_seconds,
             c.bytes_received,
@@ -155,5 +160,28 @@ fn print_stats(value: &Value, out: &mut dyn Write) -> Result<(), CtlError> {
     writeln!(out, "messages written       {}", s.messages_written)?;
     writeln!(out, "writer queue depth     {}", s.writer_queue_depth)?;
     writeln!(out, "write errors           {}", s.write_errors)?;
+    match &s.udp {
+        Some(udp) => print_udp_stats(udp, out),
+        None => Ok(()),
+    }
+}
+
+fn print_udp_stats(s: &UdpSnapshot, out: &mut dyn Write) -> Result<(), CtlError> {
+    writeln!(
+        out,
+        "udp sessions           {} open, {} total",
+        s.sessions_open, s.sessions_total
+    )?;
+    writeln!(
+        out,
+        "udp datagrams          {} received, {} sent",
+        s.datagrams_received, s.datagrams_sent
+    )?;
+    let drops: Vec<String> = UdpDrop::ALL
+        .iter()
+        .zip(s.drops)
+        .map(|(cause, n)| format!("{} {n}", cause.label()))
+        .collect();
+    writeln!(out, "udp dropped by cause   {}", drops.join(", "))?;
     Ok(())
 }

@@ -41,6 +41,7 @@ const KNOWN_KEYS: &[&str] = &[
     "proxy.reason",
     "proxy.bytes.received",
     "proxy.bytes.sent",
+    "proxy.transport",
 ];
 
 impl MessageLog {

@@ -18,6 +18,9 @@ pub struct ConnectionReport {
     /// Bytes queued for the device.
     pub queued: usize,
     pub targets: Vec<TargetReport>,
+    /// `udp` for a UDP session; absent for a TCP connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
 }
 
 /// One target connection as `ctl list` shows it.
@@ -61,6 +64,7 @@ impl Connection {
             bytes_sent: self.device.sent,
             queued: self.device.queued(),
             targets,
+            transport: None,
         }
     }
 }
