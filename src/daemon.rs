@@ -116,7 +116,12 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     for id in 0..config.workers {
         let counters = Arc::new(Counters::default());
         registry.workers.push(Arc::clone(&counters));
-        let (handle, thread) = Worker::spawn(WorkerSetup {
+        let udp = udp_listeners.pop().map(|listeners| UdpSetup {
+            listeners,
+            admission: Arc::clone(&admission),
+            idents: idents.clone(),
+        });
+        let setup = WorkerSetup {
             id,
             settings: Arc::clone(&settings),
             journal: Journal::new(
@@ -127,12 +132,8 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
             ),
             addresses: addresses.clone(),
             counters,
-            udp: UdpSetup {
-                listeners: udp_listeners.pop().unwrap_or_default(),
-                admission: Arc::clone(&admission),
-                idents: idents.clone(),
-            },
-        })?;
+        };
+        let (handle, thread) = Worker::spawn_with_udp(setup, udp)?;
         handles.push(handle);
         worker_threads.push(thread);
     }
@@ -247,8 +248,14 @@ fn bind_all(addresses: &[SocketAddr]) -> Result<Vec<TcpListener>, DaemonError> {
 }
 
 /// Every worker's socket on each UDP address, as one list per worker (the
-/// last worker's first, to be popped).
-fn bind_udp(addresses: &[SocketAddr], workers: usize) -> Result<Vec<Vec<udp::Listener>>, DaemonError> {
+/// last worker's first, to be popped); no list at all without addresses.
+fn bind_udp(
+    addresses: &[SocketAddr],
+    workers: usize,
+) -> Result<Vec<Vec<udp::Listener>>, DaemonError> {
+    if addresses.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut per_worker: Vec<Vec<udp::Listener>> = (0..workers).map(|_| Vec::new()).collect();
     for &address in addresses {
         let group = udp::bind_group(address, workers)

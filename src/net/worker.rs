@@ -119,21 +119,28 @@ pub struct WorkerSetup {
     pub journal: Journal,
     pub addresses: TargetAddresses,
     pub counters: Arc<Counters>,
-    /// UDP: this worker's listening sockets (none: PROXY_LISTEN_UDP unset).
-    pub udp: UdpSetup,
 }
 
 impl Worker {
     /// Creates the worker's poll and waker here, so errors reach the caller,
     /// then runs the loop on a new thread.
     pub fn spawn(setup: WorkerSetup) -> io::Result<(WorkerHandle, JoinHandle<()>)> {
+        Worker::spawn_with_udp(setup, None)
+    }
+
+    /// [`Worker::spawn`], with this worker's UDP listening sockets (UDP:
+    /// PROXY_LISTEN_UDP set).
+    pub fn spawn_with_udp(
+        setup: WorkerSetup,
+        udp: Option<UdpSetup>,
+    ) -> io::Result<(WorkerHandle, JoinHandle<()>)> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (sender, inbox) = crossbeam_channel::unbounded();
         let tick = timer_tick(&setup.settings);
         // UDP: hook 1 of 7, the sessions' side is created with the poll.
         let udp = UdpSessions::new(
-            setup.udp,
+            udp,
             setup.id,
             poll.registry(),
             Arc::clone(&setup.settings),
@@ -199,8 +206,7 @@ impl Worker {
             if stop {
                 self.close_all(reason::SHUTDOWN, now);
                 // UDP: hook 4, sessions end with `shutdown` too.
-                self.udp
-                    .close_all(reason::SHUTDOWN, &mut self.journal, now);
+                self.udp.close_all(reason::SHUTDOWN, &mut self.journal, now);
                 self.journal.flush();
                 return;
             }

@@ -393,7 +393,10 @@ mod tests {
         let stored = StoredMessage::parse(text.as_bytes()).unwrap();
         assert_eq!(stored.transport.as_deref(), Some("udp"));
         let tcp = line(&sample(b"ab"));
-        assert_eq!(StoredMessage::parse(tcp.as_bytes()).unwrap().transport, None);
+        assert_eq!(
+            StoredMessage::parse(tcp.as_bytes()).unwrap().transport,
+            None
+        );
     }
 
     #[test]

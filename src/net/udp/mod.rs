@@ -6,8 +6,8 @@
 //! with TCP, and an ident from the generator the acceptor uses too); it ends
 //! after PROXY_IDLE_TIMEOUT with no datagram either way (10 minutes when
 //! that is 0: nothing else can end it), when a mandatory target is
-//! unreachable, by `ctl close`, or at shutdown. See [`session`] for what a
-//! session does with each datagram.
+//! unreachable, by `ctl close`, or at shutdown. The `session` module says
+//! what a session does with each datagram.
 //!
 //! Every worker binds its own socket on each address with SO_REUSEPORT
 //! ([`wire`]); the kernel sends a device's datagrams to the same socket
@@ -103,7 +103,8 @@ pub struct UdpSessions {
     registry: Registry,
     settings: Arc<Settings>,
     counters: Arc<Counters>,
-    admission: Arc<Admission>,
+    /// None with UDP off (no listening socket, so no session either).
+    admission: Option<Arc<Admission>>,
     idents: IdentGenerator,
     listeners: Vec<Listening>,
     sessions: Slab<Session>,
@@ -119,18 +120,27 @@ pub struct UdpSessions {
 }
 
 impl UdpSessions {
-    /// Watches the listening sockets in the worker's poll.
+    /// Watches the listening sockets in the worker's poll; `setup` None:
+    /// UDP is off, and every call here does nothing.
     pub fn new(
-        setup: UdpSetup,
+        setup: Option<UdpSetup>,
         worker: usize,
         registry: &Registry,
         settings: Arc<Settings>,
         counters: Arc<Counters>,
     ) -> io::Result<UdpSessions> {
         let registry = registry.try_clone()?;
+        let (sockets, admission, idents) = match setup {
+            Some(setup) => (setup.listeners, Some(setup.admission), setup.idents),
+            None => (Vec::new(), None, IdentGenerator::new()),
+        };
         let mut listeners = Vec::new();
-        for (index, mut listener) in setup.listeners.into_iter().enumerate() {
-            registry.register(&mut listener.socket, listener_token(index), Interest::READABLE)?;
+        for (index, mut listener) in sockets.into_iter().enumerate() {
+            registry.register(
+                &mut listener.socket,
+                listener_token(index),
+                Interest::READABLE,
+            )?;
             // Datagrams may have arrived before the registration.
             listeners.push(Listening {
                 listener,
@@ -147,8 +157,8 @@ impl UdpSessions {
             idle_limit: settings.idle_timeout.unwrap_or(SILENCE_LIMIT),
             settings,
             counters,
-            admission: setup.admission,
-            idents: setup.idents,
+            admission,
+            idents,
             listeners,
             sessions: Slab::new(),
             by_peer: HashMap::new(),
@@ -251,7 +261,7 @@ impl UdpSessions {
             counters: &self.counters,
             now,
         };
-        session.from_device(&self.buffer[..arrival.len], &mut ctx);
+        session.take_device_datagram(&self.buffer[..arrival.len], &mut ctx);
         if session.is_ending() {
             self.finish(slot, journal, now);
         }
@@ -267,7 +277,8 @@ impl UdpSessions {
         addresses: &TargetAddresses,
         now: Instant,
     ) -> Option<usize> {
-        let permit = match self.admission.admit(arrival.peer.ip()) {
+        let admission = self.admission.as_ref()?;
+        let permit = match admission.admit(arrival.peer.ip()) {
             Ok(permit) => permit,
             Err(cause) => {
                 self.counters.udp_drop(UdpDrop::of_refusal(cause), 1);
@@ -298,7 +309,13 @@ impl UdpSessions {
             counters: &self.counters,
             now,
         };
-        entry.insert(Session::open(opening, slot, target_token, addresses, &mut ctx));
+        entry.insert(Session::open(
+            opening,
+            slot,
+            target_token,
+            addresses,
+            &mut ctx,
+        ));
         self.by_peer.insert((listener, arrival.peer), slot);
         Some(slot)
     }
@@ -322,7 +339,7 @@ impl UdpSessions {
             };
             let listener = &self.listeners[session.listener].listener.socket;
             let drained =
-                session.from_target(index, TARGET_BUDGET, &mut self.buffer, listener, &mut ctx);
+                session.read_target(index, TARGET_BUDGET, &mut self.buffer, listener, &mut ctx);
             if drained == Drained::More && session.note_target(index) {
                 self.ready_targets.push((slot, index));
             }
@@ -381,7 +398,8 @@ impl UdpSessions {
     /// with it.
     fn finish(&mut self, slot: usize, journal: &mut Journal, now: Instant) {
         let session = self.sessions.remove(slot);
-        self.by_peer.remove(&(session.listener, session.origin.peer));
+        self.by_peer
+            .remove(&(session.listener, session.origin.peer));
         let mut ctx = Ctx {
             registry: &self.registry,
             journal,

@@ -24,7 +24,9 @@ use super::wire::LocalAddress;
 use crate::config::MAX_TARGETS;
 use crate::control::stats::{self, Counters, UdpDrop};
 use crate::net::admission::Permit;
-use crate::net::connection::{ConnectionReport, Settings, TargetAddresses, TargetReport, TargetSpec};
+use crate::net::connection::{
+    ConnectionReport, Settings, TargetAddresses, TargetReport, TargetSpec,
+};
 use crate::net::reason::{self, Reason};
 use crate::store::journal::{Closed, Journal};
 use crate::store::message::{DEVICE, Origin, UDP};
@@ -232,8 +234,13 @@ impl Session {
             received: 0,
             sent: 0,
         };
-        ctx.journal
-            .dropped_via(self.origin, spec.number, Some(&spec.label), &closed, Some(UDP));
+        ctx.journal.dropped_via(
+            self.origin,
+            spec.number,
+            Some(&spec.label),
+            &closed,
+            Some(UDP),
+        );
         ctx.counters.drop_of(usize::from(spec.number), &why);
         if spec.mandatory {
             let whole = reason::mandatory_failed(spec.number);
@@ -244,7 +251,7 @@ impl Session {
     /// One datagram from the device: recorded, then sent on to each target
     /// (unless the session is ending: a mandatory target could not be
     /// opened for its first datagram).
-    pub fn from_device(&mut self, payload: &[u8], ctx: &mut Ctx<'_>) {
+    pub fn take_device_datagram(&mut self, payload: &[u8], ctx: &mut Ctx<'_>) {
         self.last_activity = ctx.now;
         self.received += payload.len() as u64;
         stats::add(&ctx.counters.bytes_received[0], payload.len() as u64);
@@ -264,7 +271,9 @@ impl Session {
                     target.sent += n as u64;
                     stats::add(&ctx.counters.bytes_sent[index + 1], n as u64);
                 }
-                Err(e) if is_unreachable(&e) => self.target_failed(index, reason::describe(&e), ctx),
+                Err(e) if is_unreachable(&e) => {
+                    self.target_failed(index, reason::describe(&e), ctx)
+                }
                 Err(e) => {
                     debug!(
                         "{}: a datagram for UDP target {} was dropped: {e}",
@@ -321,7 +330,7 @@ impl Session {
     /// Reads up to `budget` datagrams from target `index`: each is recorded
     /// and relayed to the device from its listening socket (replies on), or
     /// thrown away (replies off).
-    pub fn from_target(
+    pub fn read_target(
         &mut self,
         index: usize,
         budget: usize,
@@ -352,9 +361,14 @@ impl Session {
             let spec = target_spec(ctx.settings, index);
             if spec.replies {
                 let reply = &buffer[..n];
-                ctx.journal
-                    .data_via(self.origin, spec.number, Some(&spec.label), reply, Some(UDP));
-                self.to_device(reply, listener, ctx);
+                ctx.journal.data_via(
+                    self.origin,
+                    spec.number,
+                    Some(&spec.label),
+                    reply,
+                    Some(UDP),
+                );
+                self.relay_to_device(reply, listener, ctx);
             }
         }
         match &self.targets[index] {
@@ -363,7 +377,7 @@ impl Session {
         }
     }
 
-    fn to_device(&mut self, reply: &[u8], listener: &UdpSocket, ctx: &mut Ctx<'_>) {
+    fn relay_to_device(&mut self, reply: &[u8], listener: &UdpSocket, ctx: &mut Ctx<'_>) {
         match super::wire::send(listener, reply, self.origin.peer, self.local) {
             Ok(n) => {
                 self.sent += n as u64;
@@ -371,7 +385,10 @@ impl Session {
                 stats::add(&ctx.counters.udp_datagrams_out, 1);
             }
             Err(e) => {
-                debug!("{}: a reply to the device was dropped: {e}", self.origin.ident);
+                debug!(
+                    "{}: a reply to the device was dropped: {e}",
+                    self.origin.ident
+                );
                 ctx.counters.udp_drop(UdpDrop::ReplySendFailed, 1);
             }
         }
@@ -401,8 +418,13 @@ impl Session {
             received: target.received,
             sent: target.sent,
         };
-        ctx.journal
-            .dropped_via(self.origin, spec.number, Some(&spec.label), &closed, Some(UDP));
+        ctx.journal.dropped_via(
+            self.origin,
+            spec.number,
+            Some(&spec.label),
+            &closed,
+            Some(UDP),
+        );
         ctx.counters.drop_of(index + 1, why);
     }
 
@@ -516,14 +538,18 @@ mod tests {
     #[test]
     fn a_bucket_allows_a_burst_then_one_datagram_a_millisecond() {
         let mut bucket = Bucket::full(u32::MAX - 5);
-        let passed = (0..BURST + 10).filter(|_| bucket.take(u32::MAX - 5)).count();
+        let passed = (0..BURST + 10)
+            .filter(|_| bucket.take(u32::MAX - 5))
+            .count();
         assert_eq!(passed, BURST as usize);
         // 10 ms later, across the clock's wrap: 10 more.
         let later = (u32::MAX - 5).wrapping_add(10);
         let passed = (0..100).filter(|_| bucket.take(later)).count();
         assert_eq!(passed, 10);
         // Long idle: a full burst again, no more.
-        let passed = (0..BURST * 2).filter(|_| bucket.take(later + 60_000)).count();
+        let passed = (0..BURST * 2)
+            .filter(|_| bucket.take(later + 60_000))
+            .count();
         assert_eq!(passed, BURST as usize);
     }
 }

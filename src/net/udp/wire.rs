@@ -60,29 +60,50 @@ pub struct Arrival {
 }
 
 /// Binds one socket on `address` for every worker, all on the same port
-/// (the first one's, when `address` asks for port 0).
+/// (a free one, when `address` asks for port 0).
+///
+/// SO_REUSEPORT would let a second daemon of the same user join the group
+/// and silently take part of the devices; so the port is first bound once
+/// without it, which fails while any socket holds the port (`address in
+/// use`, as for TCP), and released just before the group binds it.
 pub fn bind_group(address: SocketAddr, workers: usize) -> io::Result<Vec<Listener>> {
-    let first = bind_one(address)?;
-    let bound = first.socket.local_addr()?;
-    let mut group = vec![first];
-    for _ in 1..workers {
-        group.push(bind_one(bound)?);
+    let probe = new_socket(address)?;
+    probe.bind(&address.into())?;
+    let bound = probe
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("bound to a non-IP address"))?;
+    drop(probe);
+    (0..workers).map(|_| bind_one(bound)).collect()
+}
+
+/// A UDP socket for `address`; an IPv6 one takes IPv6 only (as the TCP
+/// listeners do), so that `0.0.0.0:p,[::]:p` can both be bound.
+fn new_socket(address: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    if address.is_ipv6() {
+        socket.set_only_v6(true)?;
     }
-    Ok(group)
+    Ok(socket)
 }
 
 /// The receive buffer the kernel actually gave (twice what it counts as
 /// payload room), to warn when net.core.rmem_max cut it short.
 pub fn receive_buffer(listener: &Listener) -> io::Result<usize> {
-    get_int_option(listener.socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF)
-        .map(|size| usize::try_from(size).unwrap_or(0))
+    get_int_option(
+        listener.socket.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUF,
+    )
+    .map(|size| usize::try_from(size).unwrap_or(0))
 }
 
 fn bind_one(address: SocketAddr) -> io::Result<Listener> {
-    let socket = Socket::new(Domain::for_address(address), Type::DGRAM, Some(Protocol::UDP))?;
-    if address.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
+    let socket = new_socket(address)?;
     let fd = socket.as_raw_fd();
     set_int_option(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
     set_int_option(fd, libc::SOL_SOCKET, libc::SO_RXQ_OVFL, 1)?;
@@ -90,9 +111,7 @@ fn bind_one(address: SocketAddr) -> io::Result<Listener> {
     if wildcard {
         match address {
             SocketAddr::V4(_) => set_int_option(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?,
-            SocketAddr::V6(_) => {
-                set_int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?
-            }
+            SocketAddr::V6(_) => set_int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?,
         }
     }
     socket.set_recv_buffer_size(RECEIVE_BUFFER)?;
@@ -212,9 +231,13 @@ fn socket_address(storage: &libc::sockaddr_storage) -> io::Result<SocketAddr> {
     match i32::from(storage.ss_family) {
         libc::AF_INET => {
             // SAFETY: the family says the storage holds a sockaddr_in.
-            let v4 = unsafe { *(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let v4 =
+                unsafe { *(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
             let ip = Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr));
-            Ok(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(v4.sin_port))))
+            Ok(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(v4.sin_port),
+            )))
         }
         libc::AF_INET6 => {
             // SAFETY: the family says the storage holds a sockaddr_in6.
@@ -227,7 +250,9 @@ fn socket_address(storage: &libc::sockaddr_storage) -> io::Result<SocketAddr> {
                 v6.sin6_scope_id,
             )))
         }
-        family => Err(io::Error::other(format!("a datagram from address family {family}"))),
+        family => Err(io::Error::other(format!(
+            "a datagram from address family {family}"
+        ))),
     }
 }
 
@@ -330,6 +355,25 @@ mod tests {
             .map(|l| l.socket.local_addr().unwrap().port())
             .collect();
         assert!(ports.iter().all(|&p| p == ports[0] && p != 0), "{ports:?}");
+    }
+
+    #[test]
+    fn a_port_in_use_is_refused_even_to_another_group() {
+        let group = bind_group(any_port("127.0.0.1"), 2).unwrap();
+        let taken = group[0].socket.local_addr().unwrap();
+        let again = bind_group(taken, 2).err().expect("the port is taken");
+        assert_eq!(again.kind(), io::ErrorKind::AddrInUse);
+    }
+
+    #[test]
+    fn ipv4_and_ipv6_wildcards_share_a_port() {
+        let v4 = bind_group(any_port("0.0.0.0"), 2).unwrap();
+        let port = v4[0].socket.local_addr().unwrap().port();
+        let v6 = bind_group(SocketAddr::new("::".parse().unwrap(), port), 2);
+        // A host without IPv6 cannot bind [::] at all; that is no failure here.
+        if let Err(e) = &v6 {
+            assert_ne!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
+        }
     }
 
     #[test]
