@@ -222,10 +222,8 @@ impl UdpSessions {
                 }
             };
             if let Some(dropped) = arrival.dropped {
-                let lost = dropped.wrapping_sub(listening.listener.overflow_seen);
-                listening.listener.overflow_seen = dropped;
-                self.counters
-                    .udp_drop(UdpDrop::ReceiveBufferOverflow, u64::from(lost));
+                let lost = listening.listener.note_drops(dropped);
+                self.counters.udp_drop(UdpDrop::ReceiveBufferOverflow, lost);
             }
             stats::add(&self.counters.udp_datagrams_in, 1);
             self.take_datagram(index, &arrival, journal, addresses, now);
@@ -349,8 +347,16 @@ impl UdpSessions {
         }
     }
 
-    /// Ends the sessions silent for the idle limit (`idle timeout`).
+    /// Ends the sessions silent for the idle limit (`idle timeout`), and
+    /// counts the datagrams the kernel dropped since the last look.
     pub fn check_timers(&mut self, journal: &mut Journal, now: Instant) {
+        for listening in &mut self.listeners {
+            // A kernel without SO_MEMINFO: the datagrams' own counts remain.
+            if let Ok(count) = listening.listener.read_drops() {
+                let lost = listening.listener.note_drops(count);
+                self.counters.udp_drop(UdpDrop::ReceiveBufferOverflow, lost);
+            }
+        }
         let expired: Vec<usize> = self
             .sessions
             .iter()
