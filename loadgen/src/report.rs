@@ -32,6 +32,8 @@ struct Row {
     /// haproxy's figure to compare with, if not the same case and metric.
     reference: Option<(&'static str, &'static str)>,
     goal: Goal,
+    /// The peer proxy of the "haproxy" column: nginx for UDP rows.
+    peer: &'static str,
 }
 
 const fn row(label: &'static str, case: &'static str, metric: &'static str, goal: Goal) -> Row {
@@ -41,6 +43,19 @@ const fn row(label: &'static str, case: &'static str, metric: &'static str, goal
         metric,
         reference: None,
         goal,
+        peer: "haproxy",
+    }
+}
+
+/// A UDP trackers row: its peer is nginx (haproxy has no UDP).
+const fn udp(label: &'static str, metric: &'static str, goal: Goal) -> Row {
+    Row {
+        label,
+        case: "udp-trackers",
+        metric,
+        reference: None,
+        goal,
+        peer: "nginx",
     }
 }
 
@@ -57,6 +72,7 @@ const fn vs(
         metric,
         reference: Some(reference),
         goal,
+        peer: "haproxy",
     }
 }
 
@@ -116,6 +132,13 @@ const ROWS: &[Row] = &[
     row("trackers: proxy CPU s, sending phase", "trackers", "cpu_s", Goal::RatioAtMost(0.7)),
     row("trackers: proxy CPU us/packet", "trackers", "cpu_us_per_packet", Goal::None),
     row("trackers: s to connect all", "trackers", "connect_s", Goal::None),
+    udp("udp trackers: p50 us", "p50_us", Goal::None),
+    udp("udp trackers: p99 us", "p99_us", Goal::None),
+    udp("udp trackers: p999 us", "p999_us", Goal::None),
+    udp("udp trackers: datagrams lost", "lost", Goal::None),
+    udp("udp trackers: PSS KiB/session, sending", "pss_kib_per_conn", Goal::None),
+    udp("udp trackers: proxy CPU s, sending", "cpu_s", Goal::None),
+    udp("udp trackers: proxy CPU us/datagram", "cpu_us_per_packet", Goal::None),
     row("startup: ms to \"listening on\" log", "startup", "listening_ms", Goal::None),
     row("startup: ms to accept", "startup", "startup_ms", Goal::None),
     row("startup: ms to first byte forwarded", "startup", "first_byte_ms", Goal::None),
@@ -169,7 +192,7 @@ pub fn print(text: &str) -> Result<bool, String> {
     for row in ROWS {
         let pc = figure(row.case, "pc", row.metric);
         let (ref_case, ref_metric) = row.reference.unwrap_or((row.case, row.metric));
-        let ha = figure(ref_case, "haproxy", ref_metric);
+        let ha = figure(ref_case, row.peer, ref_metric);
         let direct = figure(row.case, "direct", row.metric);
         if pc.is_none() && ha.is_none() && direct.is_none() {
             continue;
@@ -199,6 +222,9 @@ pub fn print(text: &str) -> Result<bool, String> {
     );
     println!(
         "haproxy column of \"3t\" and \"store 3t\" rows: haproxy's one-target figure (haproxy has no fan-out, no store)"
+    );
+    println!(
+        "haproxy column of \"udp trackers\" rows: nginx's stream module (one process), since haproxy has no UDP"
     );
     println!(
         "store \"tmpfs\" rows: message files in /dev/shm (the daemon's own cost); \"disk\" rows: on the work folder's disk (a short run fits in its page cache)"
