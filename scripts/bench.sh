@@ -80,6 +80,11 @@ if [[ -n $report_only ]]; then
     exec "$loadgen" report "$report_only"
 fi
 
+sudo=()
+if [[ $(id -u) -ne 0 ]]; then
+    sudo=(sudo)
+fi
+updated=
 # haproxy is the peer; strace slows the writer in the fairness cases.
 missing=()
 for tool in haproxy strace; do
@@ -87,12 +92,19 @@ for tool in haproxy strace; do
 done
 if ((${#missing[@]})); then
     echo "bench.sh: installing ${missing[*]} (apt-get)" >&2
-    sudo=()
-    if [[ $(id -u) -ne 0 ]]; then
-        sudo=(sudo)
-    fi
     run "${sudo[@]}" apt-get update -qq
+    updated=1
     run "${sudo[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+# The UDP cases' peer: nginx's stream module (haproxy has no UDP). Debian
+# ships the module apart.
+if ! command -v nginx >/dev/null ||
+    { [[ -d /usr/lib/nginx/modules ]] && [[ ! -e /usr/lib/nginx/modules/ngx_stream_module.so ]]; }; then
+    echo "bench.sh: installing nginx and its stream module (apt-get)" >&2
+    if [[ -z $updated ]]; then
+        run "${sudo[@]}" apt-get update -qq
+    fi
+    run "${sudo[@]}" apt-get install -y -qq nginx-light libnginx-mod-stream >/dev/null
 fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/proxy-bench.XXXXXX")
@@ -125,7 +137,7 @@ done
 echo >&2
 echo "proxy-channel $(git rev-parse --short HEAD 2>/dev/null || echo '?') vs $(haproxy -v | head -1 | cut -d' ' -f1-3);" \
     "$(nproc) CPUs, $(uname -r); $rounds rounds in $((SECONDS - started)) s; results in $out"
-echo "threads: PROXY_WORKERS=2, haproxy nbthread 2; loadgen unpinned"
+echo "threads: PROXY_WORKERS=2, haproxy nbthread 2, nginx one process (UDP rows); loadgen unpinned"
 echo
 "$loadgen" report "$out" || failed=1
 exit "$failed"

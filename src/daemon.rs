@@ -30,8 +30,10 @@ use crate::net::admission::Admission;
 use crate::net::connection::{Settings, TargetAddresses};
 use crate::net::limits;
 use crate::net::resolver;
+use crate::net::udp::{self, UdpSetup};
 use crate::net::worker::{Command, Worker, WorkerHandle, WorkerSetup};
 use crate::store::journal::{BufferPool, Journal, JournalSettings, StoreCommand};
+use crate::store::message::IdentGenerator;
 use crate::store::writer::{self, Store, StoreError, StoreSettings};
 
 /// The listening sockets' accept queue (capped by net.core.somaxconn).
@@ -100,6 +102,10 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         .iter()
         .filter_map(|l| l.local_addr().ok())
         .collect();
+    let mut udp_listeners = bind_udp(&config.listen_udp, config.workers)?;
+    registry.udp = !config.listen_udp.is_empty();
+    // One generator for TCP connections and UDP sessions: no ident twice.
+    let idents = IdentGenerator::new();
 
     let (store_sender, store_receiver) = crossbeam_channel::bounded(STORE_QUEUE);
     let pool = BufferPool::new();
@@ -122,7 +128,12 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     for id in 0..config.workers {
         let counters = Arc::new(Counters::default());
         registry.workers.push(Arc::clone(&counters));
-        let (handle, thread) = Worker::spawn(WorkerSetup {
+        let udp = udp_listeners.pop().map(|listeners| UdpSetup {
+            listeners,
+            admission: Arc::clone(&admission),
+            idents: idents.clone(),
+        });
+        let setup = WorkerSetup {
             id,
             settings: Arc::clone(&settings),
             journal: Journal::new(
@@ -133,7 +144,8 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
             ),
             addresses: addresses.clone(),
             counters,
-        })?;
+        };
+        let (handle, thread) = Worker::spawn_with_udp(setup, udp)?;
         handles.push(handle);
         worker_threads.push(thread);
     }
@@ -178,6 +190,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         ),
         admission,
         counters: Arc::clone(&registry.acceptor),
+        idents,
     })?;
     info!(
         "proxy-channel {} running: {}, {}, store {}",
@@ -273,6 +286,41 @@ fn bind_all(addresses: &[SocketAddr]) -> Result<Vec<TcpListener>, DaemonError> {
         listeners.push(listener);
     }
     Ok(listeners)
+}
+
+/// Every worker's socket on each UDP address, as one list per worker (the
+/// last worker's first, to be popped); no list at all without addresses.
+fn bind_udp(
+    addresses: &[SocketAddr],
+    workers: usize,
+) -> Result<Vec<Vec<udp::Listener>>, DaemonError> {
+    if addresses.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut per_worker: Vec<Vec<udp::Listener>> = (0..workers).map(|_| Vec::new()).collect();
+    for &address in addresses {
+        let group = udp::bind_group(address, workers)
+            .map_err(|source| DaemonError::Listen { address, source })?;
+        let local = group[0]
+            .socket
+            .local_addr()
+            .map_err(|source| DaemonError::Listen { address, source })?;
+        info!("listening for UDP datagrams on {local}");
+        // The kernel reports twice the room it counts for data.
+        let given = udp::wire::receive_buffer(&group[0]).unwrap_or(0) / 2;
+        if given < udp::wire::RECEIVE_BUFFER {
+            info!(
+                "UDP {local}: receive buffers of {given} bytes, not the {} asked for (raise \
+                 net.core.rmem_max so that bursts are not dropped)",
+                udp::wire::RECEIVE_BUFFER
+            );
+        }
+        for (worker, listener) in group.into_iter().enumerate() {
+            per_worker[worker].push(listener);
+        }
+    }
+    per_worker.reverse();
+    Ok(per_worker)
 }
 
 /// A listening socket with a long accept queue: when a fleet reconnects at

@@ -14,7 +14,9 @@
 //!   command channel and its poll waker;
 //! - each **worker** ([`net::worker`]) runs one mio poll loop over its
 //!   connections; a [`net::connection`] (the device socket and its target
-//!   sockets, see [`net::socket`]) lives on one worker for its whole life;
+//!   sockets, see [`net::socket`]) lives on one worker for its whole life,
+//!   and so does a UDP device's session ([`net::udp`]: each worker has its
+//!   own socket on every PROXY_LISTEN_UDP address);
 //! - workers (and the acceptor) turn events into JSON lines with their
 //!   [`store::journal`] and push batches of lines onto one bounded channel;
 //! - the **writer** ([`store::writer`]) drains that channel into

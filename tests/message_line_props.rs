@@ -52,6 +52,7 @@ impl Written {
             bytes_sent: self.bytes.map(|(_, sent)| sent),
             device_ident: None,
             catchup: false,
+            transport: None,
         };
         let mut line = Vec::new();
         message.write_json(&mut line);

@@ -9,7 +9,7 @@
 //!
 //! Modules: [`wire`] (what is sent and how it is checked), [`target`] (the
 //! checking target servers), [`device`] and [`trackers`] (the clients),
-//! [`proxy`] (starting and measuring the proxy), [`store`] (reading back
+//! [`udp`] (UDP trackers and their target), [`proxy`] (starting and measuring the proxy), [`store`] (reading back
 //! proxy-channel's message files), [`scenario`] (the cases) and [`report`].
 //! Everything runs on loopback, on std threads and mio, each load bounded
 //! in time.
@@ -22,6 +22,7 @@ mod scenario;
 mod store;
 mod target;
 mod trackers;
+mod udp;
 mod wire;
 
 use std::path::PathBuf;
@@ -31,7 +32,7 @@ use proxy::{Kind, Setup};
 use scenario::Timing;
 
 const USAGE: &str = "\
-usage: loadgen run CASE PROXY [options]   run one case once; PROXY is pc, haproxy or direct
+usage: loadgen run CASE PROXY [options]   run one case once; PROXY is pc, haproxy, nginx or direct
        loadgen cases [--only CASE,...]      list cases and the proxies each runs with
        loadgen report FILE                  print the table of a file of run results
 
@@ -41,6 +42,7 @@ run options:
   --proxy-channel PATH      default target/release/proxy-channel
   --haproxy PATH            default haproxy (on PATH)
   --haproxy-template PATH   default scripts/haproxy-bench.cfg.template
+  --nginx PATH              default nginx (on PATH), the UDP cases' peer
   --threads N               PROXY_WORKERS and haproxy nbthread (default 2)
   --work-dir DIR            scratch folder, removed afterwards (default in $TMPDIR)";
 
@@ -65,6 +67,7 @@ fn run() -> Result<ExitCode, String> {
         proxy_channel: PathBuf::from("target/release/proxy-channel"),
         haproxy: PathBuf::from("haproxy"),
         haproxy_template: PathBuf::from("scripts/haproxy-bench.cfg.template"),
+        nginx: PathBuf::from("nginx"),
         threads: 2,
         work_dir: std::env::temp_dir().join(format!("loadgen-{}", std::process::id())),
     };
@@ -87,6 +90,7 @@ fn run() -> Result<ExitCode, String> {
             Long("proxy-channel") => setup.proxy_channel = text(&mut parser)?.into(),
             Long("haproxy") => setup.haproxy = text(&mut parser)?.into(),
             Long("haproxy-template") => setup.haproxy_template = text(&mut parser)?.into(),
+            Long("nginx") => setup.nginx = text(&mut parser)?.into(),
             Long("threads") => {
                 setup.threads = text(&mut parser)?
                     .parse()
@@ -111,7 +115,7 @@ fn run() -> Result<ExitCode, String> {
             let case =
                 scenario::find(case).ok_or_else(|| format!("no case {case}; see loadgen cases"))?;
             let kind = Kind::parse(proxy)
-                .ok_or_else(|| format!("no proxy {proxy}: pc, haproxy or direct"))?;
+                .ok_or_else(|| format!("no proxy {proxy}: pc, haproxy, nginx or direct"))?;
             let timing = if quick {
                 Timing::quick()
             } else {

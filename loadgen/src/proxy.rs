@@ -2,8 +2,9 @@
 //!
 //! [`Kind::ProxyChannel`] is configured by environment variables (every
 //! inherited `PROXY_*` removed first), [`Kind::Haproxy`] by a config file
-//! made from a template, and [`Kind::Direct`] is no proxy at all: devices
-//! connect to the first target. The child gets `PR_SET_PDEATHSIG`, so it
+//! made from a template, [`Kind::Nginx`] (the UDP cases' peer: haproxy has
+//! no UDP) by a config file written here, and [`Kind::Direct`] is no proxy
+//! at all: devices connect to the first target. The child gets `PR_SET_PDEATHSIG`, so it
 //! dies with loadgen whatever happens. Startup time is from spawn until a
 //! TCP connect to the listening port succeeds (and, for proxy-channel,
 //! until it logs `listening on`). CPU is utime+stime from `/proc/<pid>/stat`;
@@ -23,6 +24,8 @@ use std::time::{Duration, Instant};
 pub enum Kind {
     ProxyChannel,
     Haproxy,
+    /// nginx's stream module, UDP only (one process: `master_process off`).
+    Nginx,
     Direct,
 }
 
@@ -31,12 +34,13 @@ impl Kind {
         match self {
             Kind::ProxyChannel => "pc",
             Kind::Haproxy => "haproxy",
+            Kind::Nginx => "nginx",
             Kind::Direct => "direct",
         }
     }
 
     pub fn parse(name: &str) -> Option<Kind> {
-        [Kind::ProxyChannel, Kind::Haproxy, Kind::Direct]
+        [Kind::ProxyChannel, Kind::Haproxy, Kind::Nginx, Kind::Direct]
             .into_iter()
             .find(|kind| kind.name() == name)
     }
@@ -62,6 +66,7 @@ pub struct Setup {
     pub proxy_channel: PathBuf,
     pub haproxy: PathBuf,
     pub haproxy_template: PathBuf,
+    pub nginx: PathBuf,
     /// proxy-channel's PROXY_WORKERS and haproxy's nbthread.
     pub threads: usize,
     /// Where proxy-channel's data folders and haproxy's config go.
@@ -99,7 +104,8 @@ impl Running {
 
     /// [`Running::start`], with more environment for proxy-channel, as
     /// (name, value relative to the data folder) pairs: a value starting
-    /// with `{data}` gets the data folder in its place.
+    /// with `{data}` gets the data folder in its place. nginx takes the
+    /// address to listen for datagrams on from the same PROXY_LISTEN_UDP.
     pub fn start_with(
         kind: Kind,
         setup: &Setup,
@@ -155,6 +161,26 @@ impl Running {
                 let config = haproxy_config(setup, listen, targets[0])?;
                 let mut command = Command::new(&setup.haproxy);
                 command.arg("-f").arg(config).arg("-db");
+                command
+            }
+            Kind::Nginx => {
+                let udp = extra
+                    .iter()
+                    .find(|(name, _)| *name == "PROXY_LISTEN_UDP")
+                    .and_then(|(_, value)| value.parse().ok())
+                    .ok_or("nginx runs only the UDP cases")?;
+                if targets.len() != 1 || store != Store::Off {
+                    return Err("nginx runs only with one target and no store".into());
+                }
+                let config = nginx_config(setup, listen, udp, targets[0])?;
+                let mut command = Command::new(&setup.nginx);
+                command
+                    .arg("-c")
+                    .arg(config)
+                    .arg("-p")
+                    .arg(&setup.work_dir)
+                    .arg("-e")
+                    .arg("stderr");
                 command
             }
             Kind::Direct => unreachable!("handled above"),
@@ -372,6 +398,39 @@ fn haproxy_config(
     let path = setup
         .work_dir
         .join(format!("haproxy-{}.cfg", listen.port()));
+    std::fs::write(&path, config).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(path)
+}
+
+/// Debian's nginx has its stream module apart (libnginx-mod-stream).
+const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
+
+/// One nginx process (no master: its CPU is one process's) relaying
+/// datagrams on `udp` to `target`, as proxy-channel does: a session per
+/// device address, kept for 10 minutes; `listen` answers TCP connects so
+/// that readiness is probed as for the others.
+fn nginx_config(
+    setup: &Setup,
+    listen: SocketAddr,
+    udp: SocketAddr,
+    target: SocketAddr,
+) -> Result<PathBuf, String> {
+    let module = match Path::new(NGINX_STREAM_MODULE).exists() {
+        true => format!("load_module {NGINX_STREAM_MODULE};\n"),
+        false => String::new(),
+    };
+    let work = setup.work_dir.display();
+    let port = listen.port();
+    let config = format!(
+        "{module}daemon off;\nmaster_process off;\nworker_rlimit_nofile 200000;\n\
+         error_log stderr warn;\npid {work}/nginx-{port}.pid;\n\
+         events {{ worker_connections 100000; }}\n\
+         stream {{\n\
+         server {{ listen {listen}; return ok; }}\n\
+         server {{ listen {udp} udp rcvbuf=4m; proxy_pass {target}; proxy_timeout 10m; }}\n\
+         }}\n"
+    );
+    let path = setup.work_dir.join(format!("nginx-{port}.conf"));
     std::fs::write(&path, config).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(path)
 }

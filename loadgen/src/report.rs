@@ -31,10 +31,10 @@ struct Row {
     metric: &'static str,
     /// haproxy's figure to compare with, if not the same case and metric.
     reference: Option<(&'static str, &'static str)>,
-    /// Whose figure the reference is: haproxy's, or proxy-channel's own in
-    /// another case (store on against store off).
-    reference_proxy: &'static str,
     goal: Goal,
+    /// Whose figure the "haproxy" column holds: haproxy's; nginx's for UDP
+    /// rows; proxy-channel's own in another case for "store on/off" rows.
+    peer: &'static str,
 }
 
 const fn row(label: &'static str, case: &'static str, metric: &'static str, goal: Goal) -> Row {
@@ -43,8 +43,20 @@ const fn row(label: &'static str, case: &'static str, metric: &'static str, goal
         case,
         metric,
         reference: None,
-        reference_proxy: "haproxy",
         goal,
+        peer: "haproxy",
+    }
+}
+
+/// A UDP trackers row: its peer is nginx (haproxy has no UDP).
+const fn udp(label: &'static str, metric: &'static str, goal: Goal) -> Row {
+    Row {
+        label,
+        case: "udp-trackers",
+        metric,
+        reference: None,
+        goal,
+        peer: "nginx",
     }
 }
 
@@ -60,8 +72,8 @@ const fn vs(
         case,
         metric,
         reference: Some(reference),
-        reference_proxy: "haproxy",
         goal,
+        peer: "haproxy",
     }
 }
 
@@ -79,8 +91,8 @@ const fn own(
         case,
         metric,
         reference: Some(reference),
-        reference_proxy: "pc",
         goal,
+        peer: "pc",
     }
 }
 
@@ -147,6 +159,13 @@ const ROWS: &[Row] = &[
     own("trackers store on/off (pc): CPU s", "trackers-store", "cpu_s", ("trackers", "cpu_s"), Goal::RatioAtMost(1.15)),
     own("trackers store on/off (pc): p99 us", "trackers-store", "p99_us", ("trackers", "p99_us"), Goal::RatioAtMost(1.25)),
     row("trackers store on: p999 us", "trackers-store", "p999_us", Goal::None),
+    udp("udp trackers: p50 us", "p50_us", Goal::None),
+    udp("udp trackers: p99 us", "p99_us", Goal::None),
+    udp("udp trackers: p999 us", "p999_us", Goal::None),
+    udp("udp trackers: datagrams lost", "lost", Goal::None),
+    udp("udp trackers: PSS KiB/session, sending", "pss_kib_per_conn", Goal::None),
+    udp("udp trackers: proxy CPU s, sending", "cpu_s", Goal::None),
+    udp("udp trackers: proxy CPU us/datagram", "cpu_us_per_packet", Goal::None),
     row("startup: ms to \"listening on\" log", "startup", "listening_ms", Goal::None),
     row("startup: ms to accept", "startup", "startup_ms", Goal::None),
     row("startup: ms to first byte forwarded", "startup", "first_byte_ms", Goal::None),
@@ -200,7 +219,7 @@ pub fn print(text: &str) -> Result<bool, String> {
     for row in ROWS {
         let pc = figure(row.case, "pc", row.metric);
         let (ref_case, ref_metric) = row.reference.unwrap_or((row.case, row.metric));
-        let ha = figure(ref_case, row.reference_proxy, ref_metric);
+        let ha = figure(ref_case, row.peer, ref_metric);
         let direct = figure(row.case, "direct", row.metric);
         if pc.is_none() && ha.is_none() && direct.is_none() {
             continue;
@@ -233,6 +252,9 @@ pub fn print(text: &str) -> Result<bool, String> {
     );
     println!(
         "\"store on/off (pc)\" rows: the haproxy column holds proxy-channel's own figure with the store off"
+    );
+    println!(
+        "haproxy column of \"udp trackers\" rows: nginx's stream module (one process), since haproxy has no UDP"
     );
     println!(
         "store \"tmpfs\" rows: message files in /dev/shm (the daemon's own cost); \"disk\" rows: on the work folder's disk (a short run fits in its page cache)"

@@ -22,6 +22,7 @@ use crate::proxy::{self, Kind, Running, Setup, Store};
 use crate::store;
 use crate::target::{Outcome, Target};
 use crate::trackers::Fleet;
+use crate::udp::{UdpFleet, UdpTarget};
 use crate::wire::{HEADER_LEN, Mode};
 
 pub type Metric = (&'static str, f64);
@@ -59,6 +60,8 @@ pub enum What {
         secs: u32,
         store: Store,
     },
+    /// The same over UDP: one 116-byte datagram per second each.
+    UdpTrackers { devices: usize, secs: u32 },
 }
 
 pub struct Case {
@@ -70,6 +73,8 @@ pub struct Case {
 const ALL: &[Kind] = &[Kind::ProxyChannel, Kind::Haproxy, Kind::Direct];
 const BOTH: &[Kind] = &[Kind::ProxyChannel, Kind::Haproxy];
 const PC: &[Kind] = &[Kind::ProxyChannel];
+/// haproxy has no UDP: nginx's stream module is the peer.
+const UDP: &[Kind] = &[Kind::ProxyChannel, Kind::Nginx, Kind::Direct];
 
 const fn streams(targets: usize, conns: usize, store: Store) -> What {
     What::Stream {
@@ -102,6 +107,7 @@ pub const CASES: &[Case] = &[
     Case { name: "fairness-1w", proxies: PC, what: What::Fairness { workers: 1 } },
     Case { name: "fairness-2w", proxies: PC, what: What::Fairness { workers: 2 } },
     Case { name: "trackers-store", proxies: PC, what: What::Trackers { devices: 9000, secs: 20, store: Store::Memory } },
+    Case { name: "udp-trackers", proxies: UDP, what: What::UdpTrackers { devices: 9000, secs: 20 } },
 ];
 
 pub fn find(name: &str) -> Option<&'static Case> {
@@ -163,6 +169,10 @@ pub fn run(case: &Case, kind: Kind, setup: &Setup, timing: Timing) -> Result<Vec
         } => {
             let (devices, secs) = timing.trackers.unwrap_or((devices, secs));
             trackers(kind, setup, devices, secs, store)
+        }
+        What::UdpTrackers { devices, secs } => {
+            let (devices, secs) = timing.trackers.unwrap_or((devices, secs));
+            udp_trackers(kind, setup, devices, secs)
         }
     }
 }
@@ -645,6 +655,73 @@ fn trackers(
         metrics.push((
             "cpu_us_per_packet",
             cpu * 1e6 / (count as f64 * secs as f64),
+        ));
+    }
+    Ok(metrics)
+}
+
+/// UDP trackers through proxy-channel (PROXY_LISTEN_UDP), nginx or
+/// nothing: latency from device to target, CPU per datagram, memory per
+/// session, and datagrams lost (UDP may lose; the run fails only on a
+/// wrong, doubled or reordered datagram, or on more than 1% lost).
+fn udp_trackers(kind: Kind, setup: &Setup, count: usize, secs: u32) -> Result<Vec<Metric>, String> {
+    let target = UdpTarget::start().map_err(|e| format!("UDP target: {e}"))?;
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|socket| socket.local_addr())
+        .map_err(|e| format!("no free UDP port: {e}"))?;
+    let listen = udp.to_string();
+    let extra = [("PROXY_LISTEN_UDP", listen.as_str())];
+    let mut proxy = Running::start_with(kind, setup, &[target.addr], Store::Off, &extra)?;
+    let to = match kind {
+        Kind::Direct => target.addr,
+        _ => udp,
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let pss_before = proxy.pss_kib();
+    let opening = Instant::now();
+    let mut fleet = UdpFleet::open(to, count, &target.shared, CONNECT_DEADLINE)?;
+    let open_secs = opening.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(500));
+    proxy.check_alive()?;
+    let pss_idle = proxy.pss_kib();
+    let sampler = PssSampler::start(proxy.pid());
+    let before = Snapshot::take(&mut proxy, &[])?;
+    fleet.send(secs)?;
+    let after = Snapshot::take(&mut proxy, &[])?;
+    let cpu = after.cpu - before.cpu;
+    let pss_max = sampler.finish().max(proxy.pss_kib());
+    let sent = fleet.sent * count as u64;
+    let settle = Instant::now();
+    while target.shared.datagrams.load(Relaxed) < sent && settle.elapsed() < Duration::from_secs(2)
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    proxy.check_alive()?;
+    proxy.stop()?;
+    let outcome = target.finish();
+    if let Some(failure) = outcome.failures.first() {
+        return Err(format!("UDP target: {failure}"));
+    }
+    let received: u64 = outcome.per_device.values().map(|(n, _)| n).sum();
+    let lost = sent.saturating_sub(received);
+    if lost * 100 > sent {
+        return Err(format!("{lost} of {sent} datagrams lost"));
+    }
+    let mut metrics = quantiles(
+        &outcome.latency,
+        &[("p50_us", 0.5), ("p99_us", 0.99), ("p999_us", 0.999)],
+    );
+    metrics.push(("lost", lost as f64));
+    metrics.push(("connect_s", open_secs));
+    metrics.push(before.others(&after));
+    if kind != Kind::Direct {
+        let per_session = |pss: f64| (pss - pss_before) / count as f64;
+        metrics.push(("pss_kib_per_conn", per_session(pss_max)));
+        metrics.push(("pss_idle_kib_per_conn", per_session(pss_idle)));
+        metrics.push(("cpu_s", cpu));
+        metrics.push((
+            "cpu_us_per_packet",
+            cpu * 1e6 / (count as f64 * f64::from(secs)),
         ));
     }
     Ok(metrics)

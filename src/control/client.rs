@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::control::protocol::{ClosedDeviceReply, ListReply, Reply, ReplyError, StatsReply};
-use crate::control::stats::{DropKind, Refusal};
+use crate::control::stats::{DropKind, Refusal, UdpDrop, UdpSnapshot};
 
 pub use crate::control::protocol::Request;
 
@@ -97,11 +97,16 @@ fn print_list(list: &ListReply, out: &mut dyn Write) -> Result<(), CtlError> {
                 )
             })
             .collect();
+        // A UDP session's peer reads `ip:port/udp`, as services name ports.
+        let peer = match &c.transport {
+            Some(transport) => format!("{}/{transport}", c.peer),
+            None => c.peer.clone(),
+        };
         writeln!(
             out,
             "{:<16}  {:<22}  {:>8.1}s  {:>7.1}s  {:>12}  {:>12}  {}",
             c.ident,
-            c.peer,
+            peer,
             c.age_seconds,
             c.idle_seconds,
             c.bytes_received,
@@ -162,6 +167,29 @@ fn print_stats(reply: &StatsReply, out: &mut dyn Write) -> Result<(), CtlError> 
     writeln!(out, "messages written       {}", s.messages_written)?;
     writeln!(out, "writer queue depth     {}", s.writer_queue_depth)?;
     writeln!(out, "write errors           {}", s.write_errors)?;
+    match &s.udp {
+        Some(udp) => print_udp_stats(udp, out),
+        None => Ok(()),
+    }
+}
+
+fn print_udp_stats(s: &UdpSnapshot, out: &mut dyn Write) -> Result<(), CtlError> {
+    writeln!(
+        out,
+        "udp sessions           {} open, {} total",
+        s.sessions_open, s.sessions_total
+    )?;
+    writeln!(
+        out,
+        "udp datagrams          {} received, {} sent",
+        s.datagrams_received, s.datagrams_sent
+    )?;
+    let drops: Vec<String> = UdpDrop::ALL
+        .iter()
+        .zip(s.drops)
+        .map(|(cause, n)| format!("{} {n}", cause.label()))
+        .collect();
+    writeln!(out, "udp dropped by cause   {}", drops.join(", "))?;
     Ok(())
 }
 

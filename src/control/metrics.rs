@@ -14,7 +14,7 @@ use std::io::{self, Write as _};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::control::stats::{DropKind, Refusal, Snapshot};
+use crate::control::stats::{DropKind, Refusal, Snapshot, UdpDrop, UdpSnapshot};
 
 /// Reads one per-target counter out of a snapshot.
 type PerTarget = fn(&Snapshot, usize) -> u64;
@@ -186,6 +186,9 @@ pub fn render(snapshot: &Snapshot, targets: &[u8]) -> String {
         "Failed writes of the message file (each is retried).",
     );
     sample(&mut text, "write_errors_total", "", s.write_errors);
+    if let Some(udp) = &s.udp {
+        render_udp(&mut text, udp);
+    }
     text
 }
 
@@ -231,6 +234,52 @@ fn catch_up(text: &mut String, s: &Snapshot, targets: &[u8]) {
             let labels = format!("target=\"{target}\"");
             sample(text, name, &labels, value(s, usize::from(target)));
         }
+    }
+}
+
+/// The UDP sessions' series (only with PROXY_LISTEN_UDP set).
+fn render_udp(text: &mut String, s: &UdpSnapshot) {
+    let plain: [(&str, &str, &str, u64); 4] = [
+        (
+            "udp_sessions_open",
+            "gauge",
+            "UDP device sessions open now.",
+            s.sessions_open,
+        ),
+        (
+            "udp_sessions_total",
+            "counter",
+            "UDP device sessions opened.",
+            s.sessions_total,
+        ),
+        (
+            "udp_datagrams_received_total",
+            "counter",
+            "Datagrams received from UDP devices, dropped ones included.",
+            s.datagrams_received,
+        ),
+        (
+            "udp_datagrams_sent_total",
+            "counter",
+            "Datagrams sent to UDP devices (relayed replies).",
+            s.datagrams_sent,
+        ),
+    ];
+    for (name, kind, help, value) in plain {
+        family(text, name, kind, help);
+        sample(text, name, "", value);
+    }
+    family(
+        text,
+        "udp_datagrams_dropped_total",
+        "counter",
+        "UDP datagrams dropped, by cause: a new address refused (not_allowed, \
+         too_many_connections, too_many_per_ip), over a session's rate limit, lost in a \
+         full receive buffer, or not taken by a target's or the device's socket.",
+    );
+    for (cause, count) in UdpDrop::ALL.iter().zip(s.drops) {
+        let labels = format!("cause=\"{}\"", cause.label());
+        sample(text, "udp_datagrams_dropped_total", &labels, count);
     }
 }
 

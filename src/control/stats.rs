@@ -136,6 +136,67 @@ impl Refusal {
 
 const REFUSALS: usize = Refusal::ALL.len();
 
+/// Why a UDP datagram was dropped (UDP has no backpressure: each datagram
+/// the daemon does not take or pass on is counted here, by cause).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UdpDrop {
+    /// From a new address not in PROXY_ALLOW (no session opened).
+    NotAllowed,
+    /// From a new address while PROXY_MAX_CONNECTIONS were held.
+    TooManyConnections,
+    /// From a new address while PROXY_MAX_CONNECTIONS_PER_IP were held.
+    TooManyFromAddress,
+    /// Over the per-session rate limit (a flooding device).
+    RateLimit,
+    /// Lost in a listening socket's receive buffer before the daemon could
+    /// take it (the kernel's count, SO_RXQ_OVFL).
+    ReceiveBufferOverflow,
+    /// A device datagram that a target's socket did not take.
+    TargetSendFailed,
+    /// A target's reply that could not be sent to the device.
+    ReplySendFailed,
+}
+
+impl UdpDrop {
+    pub const ALL: [UdpDrop; 7] = [
+        UdpDrop::NotAllowed,
+        UdpDrop::TooManyConnections,
+        UdpDrop::TooManyFromAddress,
+        UdpDrop::RateLimit,
+        UdpDrop::ReceiveBufferOverflow,
+        UdpDrop::TargetSendFailed,
+        UdpDrop::ReplySendFailed,
+    ];
+
+    /// The drop of a datagram from a new address that was not admitted.
+    pub fn of_refusal(refusal: Refusal) -> UdpDrop {
+        match refusal {
+            Refusal::NotAllowed => UdpDrop::NotAllowed,
+            Refusal::TooManyConnections => UdpDrop::TooManyConnections,
+            Refusal::TooManyFromAddress => UdpDrop::TooManyFromAddress,
+        }
+    }
+
+    /// Its label value in metrics and `ctl stats`.
+    pub fn label(self) -> &'static str {
+        match self {
+            UdpDrop::NotAllowed => "not_allowed",
+            UdpDrop::TooManyConnections => "too_many_connections",
+            UdpDrop::TooManyFromAddress => "too_many_per_ip",
+            UdpDrop::RateLimit => "rate_limit",
+            UdpDrop::ReceiveBufferOverflow => "receive_buffer_overflow",
+            UdpDrop::TargetSendFailed => "target_send_failed",
+            UdpDrop::ReplySendFailed => "reply_send_failed",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+const UDP_DROPS: usize = UdpDrop::ALL.len();
+
 /// One thread's counters; only that thread writes them.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -157,6 +218,15 @@ pub struct Counters {
     pub messages: AtomicU64,
     /// Failed writes of the message file (writer).
     pub write_errors: AtomicU64,
+    /// UDP sessions opened and ended on this worker.
+    pub udp_opened: AtomicU64,
+    pub udp_closed: AtomicU64,
+    /// Datagrams received from devices (dropped ones included) and sent to
+    /// them (relayed replies).
+    pub udp_datagrams_in: AtomicU64,
+    pub udp_datagrams_out: AtomicU64,
+    /// Datagrams dropped, per [`UdpDrop::ALL`] index.
+    pub udp_drops: [AtomicU64; UDP_DROPS],
 }
 
 /// Adds to a counter that only the calling thread writes.
@@ -171,6 +241,10 @@ impl Counters {
     pub fn refusal(&self, cause: Refusal) {
         add(&self.refused, 1);
         add(&self.refusals[cause.index()], 1);
+    }
+
+    pub fn udp_drop(&self, cause: UdpDrop, n: u64) {
+        add(&self.udp_drops[cause.index()], n);
     }
 
     pub fn drop_of(&self, side: usize, why: &str) {
@@ -192,6 +266,8 @@ pub struct Registry {
     /// The catch-up threads' journals (their messages).
     pub catch_up_journals: Vec<Arc<Counters>>,
     pub catch_up: Arc<CatchUpStats>,
+    /// Whether the daemon listens for UDP (its snapshot then has `udp`).
+    pub udp: bool,
 }
 
 /// The sum of all counters at one moment.
@@ -217,6 +293,21 @@ pub struct Snapshot {
     /// out of the JSON while no target has catch-up on.
     #[serde(default, skip_serializing_if = "CatchUpCounts::all_off")]
     pub catch_up: [CatchUpCounts; SIDES],
+    /// UDP sessions, when PROXY_LISTEN_UDP is set (absent otherwise, so a
+    /// TCP-only daemon's stats stay as they were).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp: Option<UdpSnapshot>,
+}
+
+/// The UDP sessions' counters summed over the workers.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UdpSnapshot {
+    pub sessions_open: u64,
+    pub sessions_total: u64,
+    pub datagrams_received: u64,
+    pub datagrams_sent: u64,
+    /// Per [`UdpDrop::ALL`] index.
+    pub drops: [u64; UDP_DROPS],
 }
 
 impl Registry {
@@ -255,12 +346,34 @@ impl Registry {
             s.messages_queued += get(&journal.messages);
         }
         s.connections_open = opened.saturating_sub(closed);
+        if self.udp {
+            s.udp = Some(self.udp_snapshot());
+        }
         let connect_failed = [DropKind::ConnectFailed, DropKind::ConnectTimeout]
             .map(|k| DropKind::ALL.iter().position(|x| *x == k).unwrap_or(0));
         for side in 1..SIDES {
             s.connect_failures[side] = connect_failed.iter().map(|&i| s.drops[side][i]).sum();
         }
         s
+    }
+}
+
+impl Registry {
+    fn udp_snapshot(&self) -> UdpSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut u = UdpSnapshot::default();
+        let mut closed = 0;
+        for worker in &self.workers {
+            u.sessions_total += get(&worker.udp_opened);
+            closed += get(&worker.udp_closed);
+            u.datagrams_received += get(&worker.udp_datagrams_in);
+            u.datagrams_sent += get(&worker.udp_datagrams_out);
+            for (sum, count) in u.drops.iter_mut().zip(&worker.udp_drops) {
+                *sum += get(count);
+            }
+        }
+        u.sessions_open = u.sessions_total.saturating_sub(closed);
+        u
     }
 }
 
@@ -300,10 +413,28 @@ mod tests {
             worker.drop_of(1, "connect timeout");
         }
         let s = registry.snapshot(5);
+        assert_eq!(s.udp, None, "no UDP section without PROXY_LISTEN_UDP");
         assert_eq!(s.connections_total, 3);
         assert_eq!(s.connections_open, 3);
         assert_eq!(s.bytes_received[0], 200);
         assert_eq!(s.connect_failures[1], 2);
         assert_eq!(s.writer_queue_depth, 5);
+    }
+
+    #[test]
+    fn udp_counts_sum_every_worker_when_udp_is_on() {
+        let registry = Registry {
+            workers: vec![Arc::new(Counters::default()), Arc::new(Counters::default())],
+            udp: true,
+            ..Registry::default()
+        };
+        add(&registry.workers[0].udp_opened, 2);
+        add(&registry.workers[1].udp_opened, 1);
+        add(&registry.workers[1].udp_closed, 1);
+        registry.workers[0].udp_drop(UdpDrop::RateLimit, 3);
+        registry.workers[1].udp_drop(UdpDrop::RateLimit, 4);
+        let udp = registry.snapshot(0).udp.expect("a UDP section");
+        assert_eq!((udp.sessions_total, udp.sessions_open), (3, 2));
+        assert_eq!(udp.drops[UdpDrop::RateLimit.index()], 7);
     }
 }

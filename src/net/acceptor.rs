@@ -95,6 +95,8 @@ pub struct AcceptorSetup {
     pub journal: Journal,
     pub admission: Arc<Admission>,
     pub counters: Arc<Counters>,
+    /// Shared with the workers' UDP sessions: no ident is given twice.
+    pub idents: IdentGenerator,
 }
 
 impl Acceptor {
@@ -113,7 +115,7 @@ impl Acceptor {
             to_wake: vec![false; setup.workers.len()],
             workers: setup.workers,
             next_worker: 0,
-            idents: IdentGenerator::new(),
+            idents: setup.idents,
             journal: setup.journal,
             admission: setup.admission,
             counters: setup.counters,

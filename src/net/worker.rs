@@ -26,6 +26,7 @@ use crate::net::connection::{
     Connection, ConnectionReport, Context, Drive, Settings, TargetAddresses, slot_and_side,
 };
 use crate::net::reason;
+use crate::net::udp::{self, UdpSessions, UdpSetup};
 use crate::store::journal::Journal;
 use crate::store::message::{Ident, Origin};
 
@@ -107,6 +108,8 @@ pub struct Worker {
     permits: Vec<Option<Permit>>,
     counters: Arc<Counters>,
     tick: Duration,
+    /// UDP: this worker's listening sockets and sessions (net::udp).
+    udp: UdpSessions,
 }
 
 /// Everything a worker starts with.
@@ -122,10 +125,27 @@ impl Worker {
     /// Creates the worker's poll and waker here, so errors reach the caller,
     /// then runs the loop on a new thread.
     pub fn spawn(setup: WorkerSetup) -> io::Result<(WorkerHandle, JoinHandle<()>)> {
+        Worker::spawn_with_udp(setup, None)
+    }
+
+    /// [`Worker::spawn`], with this worker's UDP listening sockets (UDP:
+    /// PROXY_LISTEN_UDP set).
+    pub fn spawn_with_udp(
+        setup: WorkerSetup,
+        udp: Option<UdpSetup>,
+    ) -> io::Result<(WorkerHandle, JoinHandle<()>)> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (sender, inbox) = crossbeam_channel::unbounded();
         let tick = timer_tick(&setup.settings);
+        // UDP: hook 1 of 7, the sessions' side is created with the poll.
+        let udp = UdpSessions::new(
+            udp,
+            setup.id,
+            poll.registry(),
+            Arc::clone(&setup.settings),
+            Arc::clone(&setup.counters),
+        )?;
         let mut worker = Worker {
             id: setup.id,
             poll,
@@ -139,6 +159,7 @@ impl Worker {
             permits: Vec::new(),
             counters: setup.counters,
             tick,
+            udp,
         };
         let thread = std::thread::Builder::new()
             .name(format!("worker-{}", setup.id))
@@ -150,7 +171,8 @@ impl Worker {
         let mut events = Events::with_capacity(1024);
         let mut next_tick = Instant::now() + self.tick;
         loop {
-            let timeout = match self.scheduled.is_empty() {
+            // UDP: hook 2, sockets with datagrams left mean no waiting.
+            let timeout = match self.scheduled.is_empty() && !self.udp.has_work() {
                 true => next_tick.saturating_duration_since(Instant::now()),
                 false => Duration::ZERO,
             };
@@ -168,6 +190,11 @@ impl Worker {
                     stop |= self.take_commands(now);
                     continue;
                 }
+                // UDP: hook 3, tokens with the UDP bit are the sessions'.
+                if udp::is_udp_token(event.token()) {
+                    self.udp.note(event.token());
+                    continue;
+                }
                 let hangup = event.is_read_closed() || event.is_error();
                 self.note(
                     event.token(),
@@ -178,12 +205,18 @@ impl Worker {
             }
             if stop {
                 self.close_all(reason::SHUTDOWN, now);
+                // UDP: hook 4, sessions end with `shutdown` too.
+                self.udp.close_all(reason::SHUTDOWN, &mut self.journal, now);
                 self.journal.flush();
                 return;
             }
             self.drive_scheduled(now);
+            // UDP: hook 5, read the datagrams waiting, within budgets.
+            self.udp.drive(&mut self.journal, &self.addresses, now);
             if now >= next_tick {
                 self.check_timers(now);
+                // UDP: hook 6, idle sessions end.
+                self.udp.check_timers(&mut self.journal, now);
                 next_tick = now + self.tick;
             }
             self.journal.flush();
@@ -211,16 +244,21 @@ impl Worker {
                     self.addresses[usize::from(number - 1)] = addresses;
                 }
                 Ok(Command::List { reply }) => {
+                    // UDP: hook 7 (with the close below), sessions are listed
+                    // and closed like connections.
                     let reports = self
                         .connections
                         .iter()
                         .map(|(_, c)| c.report(now))
+                        .chain(self.udp.reports(now))
                         .collect();
                     // The asker may have given up waiting; nothing to do then.
                     let _ = reply.send(reports);
                 }
                 Ok(Command::Close { ident, reply }) => {
-                    let _ = reply.send(self.close_ident(ident));
+                    let closed = self.close_ident(ident)
+                        || self.udp.close_ident(ident, &mut self.journal, now);
+                    let _ = reply.send(closed);
                 }
                 Ok(Command::Shutdown) => return true,
                 Err(TryRecvError::Empty) => return false,

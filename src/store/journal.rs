@@ -129,17 +129,43 @@ impl Journal {
 
     /// Event 1 of the device (`target` None) or of a target.
     pub fn connected(&mut self, origin: Origin, source: u8, target: Option<&str>) {
-        let message = self.message(origin, Event::Connected, source, target);
+        self.connected_via(origin, source, target, None);
+    }
+
+    /// [`Journal::connected`] with `proxy.transport` (`Some(UDP)` for a UDP
+    /// session, `None` for TCP).
+    pub fn connected_via(
+        &mut self,
+        origin: Origin,
+        source: u8,
+        target: Option<&str>,
+        transport: Option<&'static str>,
+    ) {
+        let mut message = self.message(origin, Event::Connected, source, target);
+        message.transport = transport;
         self.write(&message);
     }
 
     /// Event 0: a packet, written only in store mode; its hex only when it
     /// is no larger than the maximum payload.
     pub fn data(&mut self, origin: Origin, source: u8, target: Option<&str>, payload: &[u8]) {
+        self.data_via(origin, source, target, payload, None);
+    }
+
+    /// [`Journal::data`] with `proxy.transport`.
+    pub fn data_via(
+        &mut self,
+        origin: Origin,
+        source: u8,
+        target: Option<&str>,
+        payload: &[u8],
+        transport: Option<&'static str>,
+    ) {
         if !self.settings.store {
             return;
         }
         let mut message = self.message(origin, Event::Data, source, target);
+        message.transport = transport;
         message.payload_size = Some(payload.len());
         if payload.len() as u64 <= self.settings.max_payload {
             message.payload = Some(payload);
@@ -155,7 +181,20 @@ impl Journal {
         target: Option<&str>,
         close: &Closed<'_>,
     ) {
+        self.dropped_via(origin, source, target, close, None);
+    }
+
+    /// [`Journal::dropped`] with `proxy.transport`.
+    pub fn dropped_via(
+        &mut self,
+        origin: Origin,
+        source: u8,
+        target: Option<&str>,
+        close: &Closed<'_>,
+        transport: Option<&'static str>,
+    ) {
         let mut message = self.message(origin, Event::Dropped, source, target);
+        message.transport = transport;
         message.reason = Some(close.reason);
         message.bytes_received = Some(close.received);
         message.bytes_sent = Some(close.sent);
@@ -229,6 +268,7 @@ impl Journal {
             bytes_sent: None,
             device_ident: None,
             catchup: false,
+            transport: None,
         }
     }
 

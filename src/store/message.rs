@@ -4,12 +4,16 @@
 //! worker writes it straight into its batch, the payload's hex included,
 //! never through a `String`. [`StoredMessage`]
 //! is the read-back form used by the viewer, replay and tests. [`Ident`]s are
-//! random-looking yet unique within a run (a bijective mix of a counter).
+//! random-looking yet unique within a run (a bijective mix of a counter
+//! that every clone of one generator shares, so TCP connections and UDP
+//! sessions draw from one sequence).
 
 use std::borrow::Cow;
 use std::fmt;
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
@@ -25,6 +29,9 @@ pub enum Event {
 /// `proxy.source` of the device side; targets are 1..=3.
 pub const DEVICE: u8 = 0;
 
+/// `proxy.transport` of a UDP session's messages (TCP ones have none).
+pub const UDP: &str = "udp";
+
 /// The random name of one device connection: 16 lowercase hex characters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Ident(pub u64);
@@ -36,25 +43,28 @@ impl fmt::Display for Ident {
 }
 
 /// Hands out idents that look random and never repeat within a run: a random
-/// key plus a counter, passed through a bijective 64-bit mix.
+/// key plus a counter, passed through a bijective 64-bit mix. Clones share
+/// the key and the counter, so the idents of all of them (the acceptor's
+/// and every worker's, for UDP sessions) never repeat either.
+#[derive(Debug, Clone)]
 pub struct IdentGenerator {
     key: u64,
-    counter: u64,
+    counter: Arc<AtomicU64>,
 }
 
 impl IdentGenerator {
     pub fn new() -> IdentGenerator {
         IdentGenerator {
             key: rand::random(),
-            counter: 0,
+            counter: Arc::new(AtomicU64::new(0)),
         }
     }
 
     pub fn next_ident(&mut self) -> Ident {
-        self.counter += 1;
+        let counter = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
         let mut x = self
             .key
-            .wrapping_add(self.counter.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            .wrapping_add(counter.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         // splitmix64's finaliser: each step is invertible, so distinct inputs
         // give distinct idents.
         x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -116,6 +126,8 @@ pub struct Message<'a> {
     pub device_ident: Option<&'a str>,
     /// `proxy.catchup: true` on the messages of a catch-up delivery.
     pub catchup: bool,
+    /// `proxy.transport`: [`UDP`] for a UDP session, `None` for TCP.
+    pub transport: Option<&'a str>,
 }
 
 impl Message<'_> {
@@ -125,7 +137,12 @@ impl Message<'_> {
         const KEYS_AND_NUMBERS: usize = 320;
         let text = |part: Option<&str>| part.map_or(0, str::len);
         let hex = self.payload.map_or(0, |payload| payload.len() * 2);
-        KEYS_AND_NUMBERS + text(self.target) + text(self.reason) + text(self.device_ident) + hex
+        KEYS_AND_NUMBERS
+            + text(self.target)
+            + text(self.reason)
+            + text(self.device_ident)
+            + text(self.transport)
+            + hex
     }
 
     /// Appends the message to `out` as one JSON object, keys in the
@@ -189,6 +206,10 @@ impl Message<'_> {
         }
         if self.catchup {
             out.extend_from_slice(b",\"proxy.catchup\":true");
+        }
+        if let Some(transport) = self.transport {
+            out.extend_from_slice(b",\"proxy.transport\":");
+            write_json_string(out, transport);
         }
         out.push(b'}');
     }
@@ -277,8 +298,8 @@ pub struct StoredMessage<'a> {
     /// True on the messages of a catch-up delivery.
     #[serde(rename = "proxy.catchup", default)]
     pub catchup: bool,
-    /// `udp` on the messages of a UDP session.
-    #[serde(rename = "proxy.transport", borrow)]
+    /// `udp` for a UDP session's messages; absent for TCP.
+    #[serde(rename = "proxy.transport", borrow, default)]
     pub transport: Option<Cow<'a, str>>,
 }
 
@@ -319,6 +340,7 @@ mod tests {
             bytes_sent: None,
             device_ident: None,
             catchup: false,
+            transport: None,
         }
     }
 
@@ -411,6 +433,34 @@ mod tests {
                     .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
             );
             assert!(seen.insert(ident));
+        }
+    }
+
+    #[test]
+    fn a_udp_message_says_so_last_and_reads_back() {
+        let mut message = sample(b"ab");
+        message.transport = Some(UDP);
+        let text = line(&message);
+        assert!(text.ends_with(r#","proxy.transport":"udp"}"#), "{text}");
+        let stored = StoredMessage::parse(text.as_bytes()).unwrap();
+        assert_eq!(stored.transport.as_deref(), Some("udp"));
+        let tcp = line(&sample(b"ab"));
+        assert_eq!(
+            StoredMessage::parse(tcp.as_bytes()).unwrap().transport,
+            None
+        );
+    }
+
+    #[test]
+    fn clones_of_a_generator_never_repeat_each_other() {
+        let mut first = IdentGenerator::new();
+        let mut clones: Vec<IdentGenerator> = (0..3).map(|_| first.clone()).collect();
+        let mut seen = HashSet::new();
+        for _ in 0..10_000 {
+            assert!(seen.insert(first.next_ident()));
+            for clone in &mut clones {
+                assert!(seen.insert(clone.next_ident()));
+            }
         }
     }
 

@@ -11,17 +11,23 @@
 //! gap (a payload over PROXY_MAX_PAYLOAD, store mode off, its start rotated
 //! away) or a damaged line (cut short, or a `server.timestamp` that is not a
 //! time) is skipped and reported, never sent with a hole in it.
+//!
+//! A UDP session (`proxy.transport: "udp"`) is replayed as datagrams, one
+//! per recorded packet, from a UDP socket of its own; without `--speed` at
+//! most one a millisecond (UDP has no flow control: faster, a target's
+//! receive buffer would drop them, and a proxy-channel as the target allows
+//! a session 1,000 a second).
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, IsTerminal, Read, Seek, SeekFrom, Write};
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::store::message::{DEVICE, StoredMessage};
+use crate::store::message::{DEVICE, StoredMessage, UDP};
 use crate::tools::filter::Filter;
 use crate::tools::reader::{LineReader, ReadError, message_files, report_skipped};
 
@@ -32,6 +38,8 @@ const REPLIES_AT_MOST: Duration = Duration::from_secs(30);
 /// 10000-01-01T00:00:00Z: a device line's `server.timestamp` must be a
 /// time from 1970 up to this (the daemon writes no other).
 const YEAR_10000: f64 = 253_402_300_800.0;
+/// The least time between two datagrams of a UDP session without `--speed`.
+const DATAGRAM_GAP: Duration = Duration::from_millis(1);
 
 #[derive(Debug, Clone)]
 pub struct ReplayOptions {
@@ -66,6 +74,8 @@ struct Recorded {
     /// From the device's event 2, if the recording has it.
     device_received: Option<u64>,
     gap: Option<String>,
+    /// A UDP session: replayed as datagrams.
+    udp: bool,
 }
 
 /// Where one source-0 data line is.
@@ -233,6 +243,7 @@ fn ident_in(bytes: &[u8]) -> Option<String> {
 }
 
 fn note(recorded: &mut Recorded, message: &StoredMessage<'_>, file: usize, offset: u64) {
+    recorded.udp |= message.transport.as_deref() == Some(UDP);
     match message.event {
         1 => recorded.started = Some(message.server_timestamp),
         0 => {
@@ -278,6 +289,9 @@ enum Outcome {
 }
 
 fn replay_one(recorded: &Recorded, files: &[PathBuf], options: &ReplayOptions) -> Outcome {
+    if recorded.udp {
+        return replay_datagrams(recorded, files, options);
+    }
     let stream = match connect(&options.target) {
         Ok(stream) => stream,
         Err(e) => return Outcome::Failed(format!("cannot connect to {}: {e}", options.target)),
@@ -290,7 +304,10 @@ fn replay_one(recorded: &Recorded, files: &[PathBuf], options: &ReplayOptions) -
         }
         Err(e) => return Outcome::Failed(format!("cannot read replies: {e}")),
     };
-    let sent = send_packets(recorded, files, options, &stream);
+    let mut writer = &stream;
+    let sent = send_packets(recorded, files, options, &mut |payload| {
+        writer.write_all(payload)
+    });
     // Tell the target we are done; it may already be gone.
     let _ = stream.shutdown(Shutdown::Write);
     sending_done.store(true, Ordering::SeqCst);
@@ -317,13 +334,100 @@ fn connect(target: &str) -> io::Result<TcpStream> {
     Err(last_error)
 }
 
-/// Sends the connection's stored bytes in order, at the recorded pace if
-/// asked.
+/// A UDP session: each recorded packet as one datagram, from a socket of
+/// its own, whose replies are counted.
+fn replay_datagrams(recorded: &Recorded, files: &[PathBuf], options: &ReplayOptions) -> Outcome {
+    let socket = match connect_udp(&options.target) {
+        Ok(socket) => socket,
+        Err(e) => return Outcome::Failed(format!("cannot reach {}: {e}", options.target)),
+    };
+    let sending_done = Arc::new(AtomicBool::new(false));
+    let replies = match socket.try_clone() {
+        Ok(reader) => {
+            let (wait, done) = (options.wait, Arc::clone(&sending_done));
+            std::thread::spawn(move || count_datagram_replies(&reader, wait, &done))
+        }
+        Err(e) => return Outcome::Failed(format!("cannot read replies: {e}")),
+    };
+    let mut last_sent: Option<Instant> = None;
+    let sent = send_packets(recorded, files, options, &mut |payload| {
+        if options.speed.is_none() {
+            if let Some(wait) = last_sent.and_then(|at| DATAGRAM_GAP.checked_sub(at.elapsed())) {
+                std::thread::sleep(wait);
+            }
+        }
+        last_sent = Some(Instant::now());
+        socket.send(payload).map(|_| ())
+    });
+    sending_done.store(true, Ordering::SeqCst);
+    let received = replies.join().unwrap_or(0);
+    match sent {
+        Ok(sent) => Outcome::Done { sent, received },
+        Err(why) => Outcome::Failed(why),
+    }
+}
+
+fn connect_udp(target: &str) -> io::Result<UdpSocket> {
+    let mut last_error = io::Error::other("no address");
+    for address in target.to_socket_addrs()? {
+        let any: std::net::SocketAddr = match address {
+            std::net::SocketAddr::V4(_) => ([0, 0, 0, 0], 0).into(),
+            std::net::SocketAddr::V6(_) => ([0u16; 8], 0).into(),
+        };
+        match UdpSocket::bind(any).and_then(|socket| socket.connect(address).map(|()| socket)) {
+            Ok(socket) => return Ok(socket),
+            Err(e) => last_error = e,
+        }
+    }
+    Err(last_error)
+}
+
+/// Reads and counts reply datagrams until the target has been quiet for
+/// `wait` once the sender is done, or REPLIES_AT_MOST has passed since.
+fn count_datagram_replies(socket: &UdpSocket, wait: Duration, sending_done: &AtomicBool) -> u64 {
+    let mut buffer = vec![0u8; 64 * 1024];
+    let mut received = 0u64;
+    let mut done_at: Option<Instant> = None;
+    if socket
+        .set_read_timeout(Some(wait.max(Duration::from_millis(1))))
+        .is_err()
+    {
+        return 0;
+    }
+    loop {
+        if done_at.is_none() && sending_done.load(Ordering::SeqCst) {
+            done_at = Some(Instant::now());
+        }
+        if done_at.is_some_and(|at| at.elapsed() >= REPLIES_AT_MOST) {
+            return received;
+        }
+        match socket.recv(&mut buffer) {
+            Ok(n) => received += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if done_at.is_some() {
+                    return received;
+                }
+            }
+            // An ICMP error for an earlier datagram; the sender reports it.
+            Err(_) if done_at.is_none() => {}
+            Err(_) => return received,
+        }
+    }
+}
+
+/// Sends the connection's stored packets in order to `sink`, at the
+/// recorded pace if asked.
 fn send_packets(
     recorded: &Recorded,
     files: &[PathBuf],
     options: &ReplayOptions,
-    mut stream: &TcpStream,
+    sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
 ) -> Result<u64, String> {
     let mut readers: HashMap<usize, BufReader<File>> = HashMap::new();
     let mut line = Vec::new();
@@ -343,9 +447,7 @@ fn send_packets(
                 std::thread::sleep(wait);
             }
         }
-        stream
-            .write_all(&payload)
-            .map_err(|e| format!("sending to {} failed: {e}", options.target))?;
+        sink(&payload).map_err(|e| format!("sending to {} failed: {e}", options.target))?;
         sent += payload.len() as u64;
     }
     Ok(sent)

@@ -325,9 +325,15 @@ impl Printer {
             true => (color_of(message.source), "\x1b[0m"),
             false => ("", ""),
         };
+        // A UDP session's peer reads `ip:port/udp`, as `ctl list` shows it.
+        let transport = match &message.transport {
+            // Escaped: a crafted file must not reach the terminal as is.
+            Some(transport) => format!("/{}", transport.escape_debug()),
+            None => String::new(),
+        };
         writeln!(
             out,
-            "{start}{time}  {}  {}  {side:<9}  {what}{end}",
+            "{start}{time}  {}  {}{transport}  {side:<9}  {what}{end}",
             printable(&message.ident),
             printable(&message.peer)
         )

@@ -42,6 +42,7 @@ const KNOWN_KEYS: &[&str] = &[
     "proxy.bytes.received",
     "proxy.bytes.sent",
     "proxy.catchup",
+    "proxy.transport",
 ];
 
 impl MessageLog {

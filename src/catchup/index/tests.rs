@@ -25,6 +25,7 @@ pub fn line<'a>(ident: u64, source: u8, event: u8, f: impl FnOnce(&mut Message<'
         bytes_sent: None,
         device_ident: None,
         catchup: false,
+        transport: None,
     };
     f(&mut message);
     let mut out = Vec::new();

@@ -21,6 +21,9 @@ pub struct ConnectionReport {
     /// Bytes queued for the device.
     pub queued: usize,
     pub targets: Vec<TargetReport>,
+    /// `udp` for a UDP session; absent for a TCP connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
 }
 
 /// One target connection as `ctl list` shows it.
@@ -65,6 +68,7 @@ impl Connection {
             bytes_sent: self.device.sent,
             queued: self.device.queued(),
             targets,
+            transport: None,
         }
     }
 }
