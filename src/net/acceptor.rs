@@ -19,10 +19,11 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::control::stats::{self, Counters};
-use crate::net::reason;
+use crate::net::reason::Reason;
+use crate::net::side::Side;
 use crate::net::worker::{Command, WorkerHandle};
 use crate::store::journal::{Closed, Journal};
-use crate::store::message::{DEVICE, IdentGenerator, Origin};
+use crate::store::message::{IdentGenerator, Origin};
 
 const WAKER: Token = Token(usize::MAX);
 /// How long accepting pauses after the process ran out of descriptors.
@@ -179,15 +180,15 @@ impl Acceptor {
     /// (by dropping its socket).
     fn refuse(&mut self, origin: Origin) {
         stats::add(&self.counters.refused, 1);
-        self.counters
-            .drop_of(usize::from(DEVICE), reason::TOO_MANY_CONNECTIONS);
-        self.journal.connected(origin, DEVICE, None);
+        let why = Reason::TooManyConnections;
+        self.counters.drop_of(Side::Device, &why);
+        self.journal.connected(origin, Side::Device, None);
         let closed = Closed {
-            reason: reason::TOO_MANY_CONNECTIONS,
+            reason: &why,
             received: 0,
             sent: 0,
         };
-        self.journal.dropped(origin, DEVICE, None, &closed);
+        self.journal.dropped(origin, Side::Device, None, &closed);
     }
 
     fn pause_exhausted(&mut self, error: &io::Error) {

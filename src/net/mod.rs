@@ -5,7 +5,8 @@
 //! [`connection`]: the device and its targets, each a non-blocking
 //! [`socket`] with a bounded queue. [`proxy_header`] reads and writes HAProxy
 //! PROXY protocol headers, the [`resolver`] keeps target host names fresh
-//! off the workers, and [`reason`] names why a side was dropped.
+//! off the workers, [`side`] names a connection's sides (the device, target
+//! n) and [`reason`] says why a side was dropped.
 
 pub mod acceptor;
 pub mod connection;
@@ -13,5 +14,6 @@ pub mod limits;
 pub mod proxy_header;
 pub mod reason;
 pub mod resolver;
+pub mod side;
 pub mod socket;
 pub mod worker;

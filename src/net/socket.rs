@@ -36,10 +36,6 @@ pub struct Endpoint {
     /// A poll event reported the peer's end of stream or an error: read
     /// until the read says so, even after a short read.
     pub hangup: bool,
-    /// The peer's end of stream has been read.
-    pub read_closed: bool,
-    /// Our sending side has been shut down.
-    pub write_closed: bool,
     /// Bytes read from this socket.
     pub received: u64,
     /// Bytes written to this socket.
@@ -56,8 +52,6 @@ impl Endpoint {
             readable: ready,
             writable: ready,
             hangup: false,
-            read_closed: false,
-            write_closed: false,
             received: 0,
             sent: 0,
         }
@@ -82,10 +76,7 @@ impl Endpoint {
     pub fn read(&mut self, buf: &mut [u8]) -> ReadOutcome {
         loop {
             match self.stream.read(buf) {
-                Ok(0) => {
-                    self.read_closed = true;
-                    return ReadOutcome::Closed;
-                }
+                Ok(0) => return ReadOutcome::Closed,
                 Ok(n) => {
                     self.received += n as u64;
                     if n < buf.len() && !self.hangup {
@@ -138,12 +129,8 @@ impl Endpoint {
         Ok(total)
     }
 
-    /// Shuts down our sending side once (passes the peer's FIN on).
+    /// Shuts down our sending side (passes the peer's FIN on).
     pub fn shutdown_write(&mut self) -> io::Result<()> {
-        if self.write_closed {
-            return Ok(());
-        }
-        self.write_closed = true;
         match self.stream.shutdown(Shutdown::Write) {
             Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
             _ => Ok(()),

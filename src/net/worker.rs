@@ -25,7 +25,8 @@ use crate::control::stats::{self, Counters};
 use crate::net::connection::{
     Connection, ConnectionReport, Context, Drive, Settings, TargetAddresses, slot_and_side,
 };
-use crate::net::reason;
+use crate::net::reason::Reason;
+use crate::net::side::TargetId;
 use crate::store::journal::Journal;
 use crate::store::message::{Ident, Origin};
 
@@ -172,7 +173,7 @@ impl Worker {
                 );
             }
             if stop {
-                self.close_all(reason::SHUTDOWN, now);
+                self.close_all(Reason::Shutdown, now);
                 self.journal.flush();
                 return;
             }
@@ -186,7 +187,9 @@ impl Worker {
     }
 
     fn note(&mut self, token: Token, readable: bool, writable: bool, hangup: bool) {
-        let (slot, side) = slot_and_side(token);
+        let (slot, Some(side)) = slot_and_side(token) else {
+            return;
+        };
         if let Some(connection) = self.connections.get_mut(slot) {
             connection.note_readiness(side, readable, writable, hangup);
             schedule(&mut self.scheduled, connection, slot);
@@ -199,7 +202,9 @@ impl Worker {
             match self.inbox.try_recv() {
                 Ok(Command::Adopt { stream, origin }) => self.adopt(stream, origin, now),
                 Ok(Command::TargetAddress { number, addresses }) => {
-                    self.addresses[usize::from(number - 1)] = addresses;
+                    if let Some(target) = TargetId::from_number(number) {
+                        self.addresses[target.index()] = addresses;
+                    }
                 }
                 Ok(Command::List { reply }) => {
                     let reports = self
@@ -229,7 +234,7 @@ impl Worker {
         match found {
             Some((slot, connection)) => {
                 log::info!("[worker {}] {ident}: closed by operator", self.id);
-                connection.close(reason::CLOSED_BY_OPERATOR);
+                connection.close(Reason::ClosedByOperator);
                 schedule(&mut self.scheduled, connection, slot);
                 true
             }
@@ -310,9 +315,9 @@ impl Worker {
         }
     }
 
-    fn close_all(&mut self, why: &'static str, now: Instant) {
+    fn close_all(&mut self, why: Reason, now: Instant) {
         for (slot, connection) in self.connections.iter_mut() {
-            connection.close(why);
+            connection.close(why.clone());
             schedule(&mut self.scheduled, connection, slot);
         }
         let open = self.connections.len();

@@ -13,6 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::control::stats::{self, Counters};
+use crate::net::reason::Reason;
+use crate::net::side::Side;
 use crate::store::message::{Event, Message, Micros, Origin};
 
 /// A batch is sent once it holds this many bytes (or at the end of a loop
@@ -128,14 +130,14 @@ impl Journal {
     }
 
     /// Event 1 of the device (`target` None) or of a target.
-    pub fn connected(&mut self, origin: Origin, source: u8, target: Option<&str>) {
-        let message = self.message(origin, Event::Connected, source, target);
+    pub fn connected(&mut self, origin: Origin, source: Side, target: Option<&str>) {
+        let message = self.message(origin, Event::Established, source, target);
         self.write(&message);
     }
 
     /// Event 0: a packet, written only in store mode; its hex only when it
     /// is no larger than the maximum payload.
-    pub fn data(&mut self, origin: Origin, source: u8, target: Option<&str>, payload: &[u8]) {
+    pub fn data(&mut self, origin: Origin, source: Side, target: Option<&str>, payload: &[u8]) {
         if !self.settings.store {
             return;
         }
@@ -151,12 +153,13 @@ impl Journal {
     pub fn dropped(
         &mut self,
         origin: Origin,
-        source: u8,
+        source: Side,
         target: Option<&str>,
         close: &Closed<'_>,
     ) {
+        let reason = close.reason.text();
         let mut message = self.message(origin, Event::Dropped, source, target);
-        message.reason = Some(close.reason);
+        message.reason = Some(&reason);
         message.bytes_received = Some(close.received);
         message.bytes_sent = Some(close.sent);
         self.write(&message);
@@ -182,7 +185,7 @@ impl Journal {
         &self,
         origin: Origin,
         event: Event,
-        source: u8,
+        source: Side,
         target: Option<&'a str>,
     ) -> Message<'a> {
         let time = Micros::now();
@@ -191,7 +194,7 @@ impl Journal {
             protocol_id: self.settings.protocol_id,
             ident: origin.ident,
             peer: origin.peer,
-            event: event as u8,
+            event,
             source,
             payload_size: None,
             payload: None,
@@ -218,7 +221,7 @@ impl Journal {
 
 /// How one side of a connection ended, for its event 2.
 pub struct Closed<'a> {
-    pub reason: &'a str,
+    pub reason: &'a Reason,
     pub received: u64,
     pub sent: u64,
 }
