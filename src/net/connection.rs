@@ -36,6 +36,7 @@ mod header;
 mod lifecycle;
 mod report;
 mod targets;
+mod warnings;
 
 use header::HeaderWait;
 use lifecycle::{Ending, LinkState, LinkView, Next, Phase, next_step};
@@ -60,6 +61,8 @@ pub struct TargetSpec {
     /// For a target given by host name: set on each connect, so that the
     /// resolver knows the name is in use and looks it up again.
     pub used: Option<Arc<AtomicBool>>,
+    /// The rate limit of its warnings, shared by every worker.
+    pub warnings: Arc<warnings::Throttle>,
 }
 
 /// What connections need from the configuration, shared by the workers.
@@ -97,6 +100,7 @@ impl Settings {
                     Some(_) => None,
                     None => Some(Arc::new(AtomicBool::new(false))),
                 },
+                warnings: Arc::default(),
             });
         }
         Settings {
@@ -249,7 +253,8 @@ impl Connection {
             scheduled: false,
         };
         if let Err(e) = registered {
-            log::warn!("{}: cannot watch the device socket: {e}", origin.ident);
+            // Its end is logged, as an error, when it finishes.
+            log::debug!("{}: cannot watch the device socket: {e}", origin.ident);
             ctx.journal.connected(origin, Side::Device, None);
             connection.end(Reason::io(&e), Reason::DeviceFailed, false);
             return connection;
@@ -531,5 +536,6 @@ impl Connection {
         ctx.journal
             .dropped(self.origin, Side::Device, None, &closed);
         ctx.counters.drop_of(Side::Device, &ending.reason);
+        warnings::device_dropped(self.origin, &ending.reason);
     }
 }

@@ -14,7 +14,7 @@ use mio::Interest;
 use mio::net::TcpStream;
 
 use super::lifecycle::{LinkState, Phase};
-use super::{Connection, Context, Link, Settings, TargetSpec, token};
+use super::{Connection, Context, Link, Settings, TargetSpec, token, warnings};
 use crate::config::SendProxyProtocol;
 use crate::net::proxy_header;
 use crate::net::reason::Reason;
@@ -125,7 +125,7 @@ impl Connection {
         why: Reason,
         ctx: &mut Context<'_>,
     ) {
-        log::debug!("{}: target {} {why}", self.origin.ident, spec.id);
+        warnings::target_dropped(self.origin, spec, &why, ctx.now);
         let closed = Closed {
             reason: &why,
             received: 0,
@@ -288,7 +288,7 @@ impl Connection {
 
     pub(super) fn target_failed(&mut self, target: TargetId, why: Reason, ctx: &mut Context<'_>) {
         let spec = target_spec(ctx.settings, target);
-        log::debug!("{}: target {target} {why}", self.origin.ident);
+        warnings::target_dropped(self.origin, spec, &why, ctx.now);
         self.drop_target(target, &why, ctx);
         if spec.mandatory {
             let whole = Reason::MandatoryFailed(target);
