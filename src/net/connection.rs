@@ -216,7 +216,10 @@ pub struct Connection {
     targets: [Option<Link>; MAX_TARGETS],
     phase: Phase,
     opened_at: Instant,
+    /// When a byte last moved on any side, or a target got connected.
     last_activity: Instant,
+    /// When the kernel's send queues were last looked into.
+    looked_at: Instant,
     /// On the worker's list of connections to drive.
     pub scheduled: bool,
 }
@@ -250,6 +253,7 @@ impl Connection {
             phase: Phase::Open,
             opened_at: ctx.now,
             last_activity: ctx.now,
+            looked_at: ctx.now,
             scheduled: false,
         };
         if let Err(e) = registered {
@@ -342,15 +346,34 @@ impl Connection {
                 changed = true;
             }
         }
-        let idle = ctx
-            .settings
-            .idle_timeout
-            .is_some_and(|limit| ctx.now >= self.last_activity + limit);
-        if idle {
-            self.end_now(Reason::IdleTimeout);
-            changed = true;
+        if let Some(limit) = ctx.settings.idle_timeout {
+            self.notice_deliveries(limit, ctx.now);
+            if ctx.now >= self.last_activity + limit {
+                self.end_now(Reason::IdleTimeout);
+                changed = true;
+            }
         }
         changed
+    }
+
+    /// Bytes written earlier may still be moving out of the kernel's send
+    /// queue to a slow peer: that is activity too, though nothing is read
+    /// or written meanwhile (megabytes drain for seconds). Looked into
+    /// only once the connection has been quiet for a tenth of the idle
+    /// timeout, so a busy connection costs nothing; a movement seen is
+    /// dated at the previous look, the earliest it can have happened.
+    fn notice_deliveries(&mut self, limit: Duration, now: Instant) {
+        if now < self.last_activity + limit / 10 {
+            return;
+        }
+        let mut moved = self.device.peer_took_more();
+        for link in self.targets.iter_mut().flatten() {
+            moved |= link.endpoint.peer_took_more();
+        }
+        if moved {
+            self.last_activity = self.last_activity.max(self.looked_at);
+        }
+        self.looked_at = now;
     }
 
     /// Ends the connection for a reason decided outside it (shutdown, an

@@ -1,5 +1,6 @@
 //! One non-blocking TCP socket of a connection: its cached readiness, its
-//! bounded write queue and its byte counters.
+//! bounded write queue, its byte counters, and how much of what was
+//! written its peer has taken.
 //!
 //! Registration is edge-triggered, so readiness is remembered here: a flag is
 //! set by a poll event and cleared only when the operation returns
@@ -40,6 +41,9 @@ pub struct Endpoint {
     pub received: u64,
     /// Bytes written to this socket.
     pub sent: u64,
+    /// Of those, the bytes the peer had acknowledged when last looked at
+    /// (see [`Endpoint::peer_took_more`]).
+    acknowledged: u64,
 }
 
 impl Endpoint {
@@ -54,6 +58,7 @@ impl Endpoint {
             hangup: false,
             received: 0,
             sent: 0,
+            acknowledged: 0,
         }
     }
 
@@ -129,6 +134,23 @@ impl Endpoint {
         Ok(total)
     }
 
+    /// Whether the peer acknowledged bytes since the last look: bytes
+    /// written earlier still moving out of the kernel's send queue to a
+    /// slow peer, though nothing is written or read here. One ioctl while
+    /// bytes are in flight, none once the peer has them all.
+    pub fn peer_took_more(&mut self) -> bool {
+        if self.sent == self.acknowledged {
+            return false;
+        }
+        let Ok(in_flight) = unacknowledged(&self.stream) else {
+            return false;
+        };
+        let acknowledged = self.sent.saturating_sub(in_flight);
+        let more = acknowledged > self.acknowledged;
+        self.acknowledged = self.acknowledged.max(acknowledged);
+        more
+    }
+
     /// Shuts down our sending side (passes the peer's FIN on).
     pub fn shutdown_write(&mut self) -> io::Result<()> {
         match self.stream.shutdown(Shutdown::Write) {
@@ -161,6 +183,28 @@ fn write_some(stream: &mut TcpStream, writable: &mut bool, data: &[u8]) -> io::R
         }
     }
     Ok(written)
+}
+
+/// Bytes written to `stream` that its peer has not acknowledged yet (a
+/// sent FIN counts as one).
+#[cfg(target_os = "linux")]
+fn unacknowledged(stream: &TcpStream) -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let mut in_flight: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ's number) on an open TCP socket writes one
+    // c_int, which `in_flight` is.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut in_flight) };
+    match rc {
+        0 => Ok(u64::try_from(in_flight).unwrap_or(0)),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// Elsewhere the kernel's send queue is not looked into: only writes and
+/// reads count as activity.
+#[cfg(not(target_os = "linux"))]
+fn unacknowledged(_: &TcpStream) -> io::Result<u64> {
+    Err(io::ErrorKind::Unsupported.into())
 }
 
 /// Bytes a slow peer has not taken yet. Holds no allocation while empty, so

@@ -158,6 +158,7 @@ impl Connection {
             match outcome {
                 Ok(()) => {
                     link.state = LinkState::Open;
+                    self.last_activity = ctx.now;
                     let spec = target_spec(ctx.settings, target);
                     ctx.journal
                         .connected(self.origin, Side::Target(target), Some(&spec.label));
@@ -187,9 +188,11 @@ impl Connection {
                 continue;
             }
             match link.endpoint.flush() {
+                Ok(0) => {}
                 Ok(written) => {
                     ctx.sent(Side::Target(target), written);
-                    moved |= written > 0;
+                    self.last_activity = ctx.now;
+                    moved = true;
                 }
                 Err(e) => {
                     self.target_failed(target, Reason::io(&e), ctx);
@@ -242,6 +245,7 @@ impl Connection {
             let outcome = link.endpoint.read(&mut buffer[..limit]);
             if let ReadOutcome::Data(n) = outcome {
                 ctx.received(Side::Target(target), n);
+                self.last_activity = ctx.now;
             }
             match outcome {
                 ReadOutcome::Data(n) if spec.replies => {
@@ -264,7 +268,6 @@ impl Connection {
     }
 
     fn relay_reply(&mut self, spec: &TargetSpec, packet: &[u8], ctx: &mut Context<'_>) {
-        self.last_activity = ctx.now;
         let side = Side::Target(spec.id);
         ctx.journal
             .data(self.origin, side, Some(&spec.label), packet);
