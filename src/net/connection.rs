@@ -9,8 +9,10 @@
 //! - bytes from the device go to every live target in order; a target's
 //!   queue never holds more than `target_buffer` bytes: the device is not
 //!   read while a mandatory target has anything queued (TCP holds the device
-//!   back, and bytes mostly go from socket to socket without a queue), and
-//!   a non-mandatory target that would go over is dropped;
+//!   back, and bytes mostly go from socket to socket without a queue), nor,
+//!   without a mandatory target, beyond what the non-mandatory target with
+//!   the most room can queue; a non-mandatory target that would go over is
+//!   dropped;
 //! - replies are not read from the targets while the device has replies
 //!   queued;
 //! - the device's event 1 is its first message and its event 2 its last; a
@@ -450,18 +452,35 @@ impl Connection {
         }
     }
 
-    /// How much may be read from the device now: nothing while a mandatory
-    /// target still has bytes queued, so TCP holds the device back and a
-    /// queue never holds more than the rest of one read (bytes then go
-    /// straight from one socket to the other, not through a queue); and
-    /// never more than a target's buffer at once.
+    /// How much may be read from the device now, never more than a
+    /// target's buffer at once:
+    /// - with a mandatory target, nothing while one still has bytes
+    ///   queued, so TCP holds the device back and a queue never holds more
+    ///   than the rest of one read (bytes then go straight from one socket
+    ///   to the other, not through a queue); a slower non-mandatory target
+    ///   overflows and is dropped;
+    /// - without one, as much as the non-mandatory target with the most
+    ///   room can queue: the device goes at the pace of the fastest
+    ///   target, which never overflows (nor does one alone);
+    /// - with no target left, as much as one read takes.
     fn device_read_limit(&self, settings: &Settings, buffer_len: usize) -> usize {
-        let mandatory_behind = self
-            .links(settings)
-            .any(|(spec, link)| spec.mandatory && link.endpoint.queued() > 0);
-        match mandatory_behind {
-            true => 0,
-            false => buffer_len.min(settings.max_read),
+        let mut mandatory = false;
+        let mut most_room = None;
+        for (spec, link) in self.links(settings) {
+            let queued = link.endpoint.queued();
+            match spec.mandatory {
+                true if queued > 0 => return 0,
+                true => mandatory = true,
+                false => {
+                    let room = settings.target_buffer.saturating_sub(queued);
+                    most_room = most_room.max(Some(room));
+                }
+            }
+        }
+        let one_read = buffer_len.min(settings.max_read);
+        match most_room {
+            Some(room) if !mandatory => one_read.min(room),
+            _ => one_read,
         }
     }
 
