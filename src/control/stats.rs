@@ -14,7 +14,7 @@ pub use crate::net::side::SIDES;
 use crate::net::side::Side;
 
 /// Why a side was dropped, as a small fixed set for metrics; a
-/// [`Reason`](crate::net::reason::Reason) knows its kind.
+/// [`Reason`] knows its kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropKind {
     ClosedByPeer,

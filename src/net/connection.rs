@@ -3,7 +3,7 @@
 //!
 //! A connection lives on one worker for its whole life and is only touched by
 //! that worker's thread. The worker notes readiness on its sockets and calls
-//! [`Connection::drive`], which does what [`lifecycle::next_step`] decides
+//! [`Connection::drive`], which does what `lifecycle::next_step` decides
 //! from the connection's states until nothing more can move (or a per-wake-up
 //! budget is spent). Invariants kept here:
 //! - bytes from the device go to every live target in order; a target's
@@ -30,10 +30,11 @@ use crate::config::{AcceptProxyProtocol, Config, MAX_TARGETS, SendProxyProtocol}
 use crate::control::stats::{self, Counters};
 use crate::net::reason::Reason;
 use crate::net::side::{SIDES, Side, TargetId};
-use crate::net::socket::{Endpoint, ReadOutcome};
+use crate::net::socket::Endpoint;
 use crate::store::journal::{Closed, Journal};
 use crate::store::message::Origin;
 
+mod device;
 mod header;
 mod lifecycle;
 mod report;
@@ -402,104 +403,6 @@ impl Connection {
             moved |= action(self, ctx, buffer);
         }
         moved
-    }
-
-    fn read_device(&mut self, ctx: &mut Context<'_>, buffer: &mut [u8]) -> bool {
-        if !matches!(self.phase, Phase::Open) || !self.device.readable {
-            return false;
-        }
-        let limit = self.device_read_limit(ctx.settings, buffer.len());
-        if limit == 0 {
-            return false;
-        }
-        match self.device.read(&mut buffer[..limit]) {
-            ReadOutcome::Data(n) => {
-                self.last_activity = ctx.now;
-                ctx.received(Side::Device, n);
-                let packet = &buffer[..n];
-                ctx.journal.data(self.origin, Side::Device, None, packet);
-                self.forward_to_targets(packet, ctx);
-                true
-            }
-            ReadOutcome::WouldBlock => false,
-            ReadOutcome::Closed => {
-                self.phase = Phase::ReadClosed;
-                true
-            }
-            ReadOutcome::Failed(e) => {
-                self.end(Reason::io(&e), Reason::DeviceFailed, false);
-                true
-            }
-        }
-    }
-
-    /// A device that resets after its end of stream is read no more, so
-    /// only its socket's pending error tells: then everything closes at
-    /// once, as for any device reset. Looked at once per poll event.
-    fn check_device_reset(&mut self, _: &mut Context<'_>, _: &mut [u8]) -> bool {
-        if !matches!(self.phase, Phase::ReadClosed) || !self.device.hangup {
-            return false;
-        }
-        self.device.hangup = false;
-        match self.device.stream.take_error() {
-            Ok(None) => false,
-            // After the device's FIN the kernel reports its RST as EPIPE,
-            // which names `reset by peer` too.
-            Ok(Some(e)) | Err(e) => {
-                self.end(Reason::io(&e), Reason::DeviceFailed, false);
-                true
-            }
-        }
-    }
-
-    /// How much may be read from the device now, never more than a
-    /// target's buffer at once:
-    /// - with a mandatory target, nothing while one still has bytes
-    ///   queued, so TCP holds the device back and a queue never holds more
-    ///   than the rest of one read (bytes then go straight from one socket
-    ///   to the other, not through a queue); a slower non-mandatory target
-    ///   overflows and is dropped;
-    /// - without one, as much as the non-mandatory target with the most
-    ///   room can queue: the device goes at the pace of the fastest
-    ///   target, which never overflows (nor does one alone);
-    /// - with no target left, as much as one read takes.
-    fn device_read_limit(&self, settings: &Settings, buffer_len: usize) -> usize {
-        let mut mandatory = false;
-        let mut most_room = None;
-        for (spec, link) in self.links(settings) {
-            let queued = link.endpoint.queued();
-            match spec.mandatory {
-                true if queued > 0 => return 0,
-                true => mandatory = true,
-                false => {
-                    let room = settings.target_buffer.saturating_sub(queued);
-                    most_room = most_room.max(Some(room));
-                }
-            }
-        }
-        let one_read = buffer_len.min(settings.max_read);
-        match most_room {
-            Some(room) if !mandatory => one_read.min(room),
-            _ => one_read,
-        }
-    }
-
-    fn flush_device(&mut self, ctx: &mut Context<'_>, _: &mut [u8]) -> bool {
-        if self.device.queued() == 0 {
-            return false;
-        }
-        match self.device.flush() {
-            Ok(0) => false,
-            Ok(written) => {
-                ctx.sent(Side::Device, written);
-                self.last_activity = ctx.now;
-                true
-            }
-            Err(e) => {
-                self.end(Reason::io(&e), Reason::DeviceFailed, false);
-                true
-            }
-        }
     }
 
     /// Passes the device's end of stream on to `target`, which has been
