@@ -224,7 +224,10 @@ mod tests {
             add(&worker.opened, 2);
             add(&worker.closed, i as u64);
             add(&worker.bytes_received[0], 100);
-            worker.drop_of(Side::Target(TargetId::ALL[0]), &Reason::ConnectTimeout);
+            worker.drop_of(
+                Side::Target(TargetId::from_number(1).unwrap()),
+                &Reason::ConnectTimeout,
+            );
         }
         let s = registry.snapshot(5);
         assert_eq!(s.connections_total, 3);

@@ -42,7 +42,7 @@ mod targets;
 mod warnings;
 
 use header::HeaderWait;
-use lifecycle::{Ending, LinkState, LinkView, Next, Phase, next_step};
+use lifecycle::{Ending, LinkState, LinkStatus, Next, Phase, next_step};
 pub use report::{ConnectionReport, TargetReport};
 
 /// The most one read takes in store mode.
@@ -189,9 +189,6 @@ pub fn slot_and_side(token: Token) -> (usize, Option<Side>) {
     (token.0 >> SIDE_BITS, side)
 }
 
-/// One step of a relaying round.
-type RoundAction = fn(&mut Connection, &mut Context<'_>, &mut [u8]) -> bool;
-
 /// A connection to one target.
 struct Link {
     endpoint: Endpoint,
@@ -200,12 +197,13 @@ struct Link {
     state: LinkState,
 }
 
-impl Link {
-    fn view(&self) -> LinkView {
-        LinkView {
-            state: self.state,
-            queued: self.endpoint.queued() > 0,
-        }
+impl LinkStatus for Link {
+    fn state(&self) -> LinkState {
+        self.state
+    }
+
+    fn queued(&self) -> bool {
+        self.endpoint.queued() > 0
     }
 }
 
@@ -326,11 +324,7 @@ impl Connection {
 
     /// What [`next_step`] decides for this connection now.
     fn next(&self) -> Next {
-        let links = self
-            .targets
-            .each_ref()
-            .map(|link| link.as_ref().map(Link::view));
-        next_step(&self.phase, links, self.device.queued() > 0)
+        next_step(&self.phase, &self.targets, self.device.queued() > 0)
     }
 
     /// Enforces the connect and idle timeouts; returns whether anything
@@ -338,7 +332,7 @@ impl Connection {
     /// lost a target).
     pub fn check_timers(&mut self, ctx: &mut Context<'_>) -> bool {
         let mut changed = self.check_header_timeout(ctx);
-        for target in TargetId::ALL {
+        for target in TargetId::all() {
             let expired = matches!(
                 self.targets[target.index()],
                 Some(Link { state: LinkState::Connecting { since }, .. })
@@ -390,18 +384,13 @@ impl Connection {
     fn relay(&mut self, ctx: &mut Context<'_>, buffer: &mut [u8]) -> bool {
         let mut moved = self.finish_connects(ctx);
         moved |= self.flush_targets(ctx);
-        let device_and_replies: [RoundAction; 4] = [
-            Self::check_device_reset,
-            Self::read_device,
-            Self::read_targets,
-            Self::flush_device,
-        ];
-        for action in device_and_replies {
-            if !self.phase.relays() {
-                break;
-            }
-            moved |= action(self, ctx, buffer);
-        }
+        moved |= match self.phase {
+            Phase::Open => self.read_device(ctx, buffer),
+            Phase::ReadClosed => self.check_device_reset(),
+            _ => false,
+        };
+        moved |= self.phase.relays() && self.read_targets(ctx, buffer);
+        moved |= self.phase.relays() && self.flush_device(ctx);
         moved
     }
 
@@ -468,7 +457,7 @@ impl Connection {
             // operator, the idle timeout): its event 1 still comes first.
             ctx.journal.connected(self.origin, Side::Device, None);
         }
-        for target in TargetId::ALL {
+        for target in TargetId::all() {
             self.drop_target(target, &ending.target_reason, ctx);
         }
         // The socket is closed right after; a failed deregister changes nothing.

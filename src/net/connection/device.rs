@@ -10,8 +10,9 @@ use crate::net::side::Side;
 use crate::net::socket::ReadOutcome;
 
 impl Connection {
+    /// Reads the device once (in phase `Open`) and forwards what came.
     pub(super) fn read_device(&mut self, ctx: &mut Context<'_>, buffer: &mut [u8]) -> bool {
-        if !matches!(self.phase, Phase::Open) || !self.device.readable {
+        if !self.device.readable {
             return false;
         }
         let limit = self.device_read_limit(ctx.settings, buffer.len());
@@ -41,9 +42,10 @@ impl Connection {
 
     /// A device that resets after its end of stream is read no more, so
     /// only its socket's pending error tells: then everything closes at
-    /// once, as for any device reset. Looked at once per poll event.
-    pub(super) fn check_device_reset(&mut self, _: &mut Context<'_>, _: &mut [u8]) -> bool {
-        if !matches!(self.phase, Phase::ReadClosed) || !self.device.hangup {
+    /// once, as for any device reset. Looked at once per poll event, in
+    /// phase `ReadClosed`.
+    pub(super) fn check_device_reset(&mut self) -> bool {
+        if !self.device.hangup {
             return false;
         }
         self.device.hangup = false;
@@ -70,27 +72,28 @@ impl Connection {
     ///   target, which never overflows (nor does one alone);
     /// - with no target left, as much as one read takes.
     fn device_read_limit(&self, settings: &Settings, buffer_len: usize) -> usize {
-        let mut mandatory = false;
-        let mut most_room = None;
+        let (mut mandatory, mut non_mandatory) = (false, false);
+        let mut most_room = 0;
         for (spec, link) in self.links(settings) {
             let queued = link.endpoint.queued();
-            match spec.mandatory {
-                true if queued > 0 => return 0,
-                true => mandatory = true,
-                false => {
-                    let room = settings.target_buffer.saturating_sub(queued);
-                    most_room = most_room.max(Some(room));
+            if spec.mandatory {
+                if queued > 0 {
+                    return 0;
                 }
+                mandatory = true;
+            } else {
+                non_mandatory = true;
+                most_room = most_room.max(settings.target_buffer.saturating_sub(queued));
             }
         }
         let one_read = buffer_len.min(settings.max_read);
-        match most_room {
-            Some(room) if !mandatory => one_read.min(room),
-            _ => one_read,
+        match non_mandatory && !mandatory {
+            true => one_read.min(most_room),
+            false => one_read,
         }
     }
 
-    pub(super) fn flush_device(&mut self, ctx: &mut Context<'_>, _: &mut [u8]) -> bool {
+    pub(super) fn flush_device(&mut self, ctx: &mut Context<'_>) -> bool {
         if self.device.queued() == 0 {
             return false;
         }

@@ -36,8 +36,7 @@ pub struct TargetReport {
 impl Connection {
     /// What the control socket shows of this connection.
     pub fn report(&self, now: Instant) -> ConnectionReport {
-        let targets = TargetId::ALL
-            .into_iter()
+        let targets = TargetId::all()
             .filter_map(|target| Some((target, self.targets[target.index()].as_ref()?)))
             .map(|(target, link)| TargetReport {
                 target: target.number(),

@@ -143,7 +143,7 @@ impl Connection {
 
     pub(super) fn finish_connects(&mut self, ctx: &mut Context<'_>) -> bool {
         let mut moved = false;
-        for target in TargetId::ALL {
+        for target in TargetId::all() {
             let Some(link) = &mut self.targets[target.index()] else {
                 continue;
             };
@@ -180,7 +180,7 @@ impl Connection {
 
     pub(super) fn flush_targets(&mut self, ctx: &mut Context<'_>) -> bool {
         let mut moved = false;
-        for target in TargetId::ALL {
+        for target in TargetId::all() {
             let Some(link) = &mut self.targets[target.index()] else {
                 continue;
             };
@@ -204,7 +204,7 @@ impl Connection {
     }
 
     pub(super) fn forward_to_targets(&mut self, packet: &[u8], ctx: &mut Context<'_>) {
-        for target in TargetId::ALL {
+        for target in TargetId::all() {
             let Some(link) = &mut self.targets[target.index()] else {
                 continue;
             };
@@ -223,11 +223,7 @@ impl Connection {
 
     pub(super) fn read_targets(&mut self, ctx: &mut Context<'_>, buffer: &mut [u8]) -> bool {
         let mut moved = false;
-        for target in TargetId::ALL {
-            // A reply the device could not take ends the connection.
-            if !self.phase.relays() {
-                break;
-            }
+        for target in TargetId::all() {
             let device_behind = self.device.queued() > 0;
             let Some(link) = &mut self.targets[target.index()] else {
                 continue;
@@ -262,6 +258,11 @@ impl Connection {
                     moved = true;
                     self.target_failed(target, Reason::io(&e), ctx);
                 }
+            }
+            // A reply the device could not take, or a mandatory target's
+            // end, ends the connection: nothing more is read.
+            if !self.phase.relays() {
+                break;
             }
         }
         moved
@@ -323,7 +324,7 @@ impl Connection {
         &'a self,
         settings: &'a Settings,
     ) -> impl Iterator<Item = (&'a TargetSpec, &'a Link)> {
-        TargetId::ALL.into_iter().filter_map(move |target| {
+        TargetId::all().filter_map(move |target| {
             let link = self.targets[target.index()].as_ref()?;
             Some((target_spec(settings, target), link))
         })
