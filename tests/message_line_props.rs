@@ -13,7 +13,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use proxy_channel::store::message::{Ident, Message, Micros, StoredMessage};
+use proxy_channel::net::side::Side;
+use proxy_channel::store::message::{Event, Ident, Message, Micros, StoredMessage};
 use proxy_channel::tools::filter::Filter;
 use proxy_channel::tools::replay::{self, ReplayOptions};
 use proxy_channel::tools::viewer::{self, Format, ViewOptions};
@@ -41,8 +42,8 @@ impl Written {
             protocol_id: 0,
             ident: Ident(self.ident),
             peer: self.peer,
-            event: self.event,
-            source: self.source,
+            event: Event::try_from(self.event).expect("an event 0..=2"),
+            source: Side::from_source(self.source).expect("a source 0..=3"),
             payload_size: self.payload.as_ref().map(Vec::len),
             payload: self.payload.as_deref(),
             time: Micros(self.time),
@@ -285,7 +286,7 @@ proptest! {
     #[test]
     fn lines_of_a_file_never_panic(line in file_line()) {
         if let Ok(message) = StoredMessage::parse(&line) {
-            prop_assert!(message.event <= 2 && message.source <= 3);
+            prop_assert!(message.event.number() <= 2 && message.source.source() <= 3);
         }
     }
 
@@ -297,7 +298,10 @@ proptest! {
         let stored = stored.unwrap();
         prop_assert_eq!(stored.ident.as_ref(), format!("{:016x}", message.ident));
         prop_assert_eq!(stored.peer.as_ref(), message.peer.to_string());
-        prop_assert_eq!((stored.event, stored.source), (message.event, message.source));
+        prop_assert_eq!(
+            (stored.event.number(), stored.source.source()),
+            (message.event, message.source)
+        );
         let payload = stored.payload_hex.map(|h| hex::decode(h).expect("hex"));
         prop_assert_eq!(&payload, &message.payload);
         prop_assert_eq!(stored.payload_size, message.payload.as_ref().map(|p| p.len() as u64));

@@ -19,9 +19,9 @@ use super::link::{Cut, Link, SLICE};
 use super::source::{Source, SourceError, Step};
 use super::target::CatchUpTarget;
 use crate::config::TargetAddress;
-use crate::net::reason;
+use crate::net::reason::Reason;
 use crate::net::resolver;
-use crate::store::journal::{Closed, Journal};
+use crate::store::journal::{CatchUpEnd, Journal};
 use crate::store::message::{Ident, Origin};
 
 pub const CAUGHT_UP: &str = "caught up";
@@ -64,7 +64,7 @@ impl Finish {
     /// most) and writes the event 2.
     pub fn close(mut self, target: &CatchUpTarget, journal: &mut Journal, stop: &AtomicBool) {
         self.link.finish(stop);
-        let closed = Closed {
+        let closed = CatchUpEnd {
             reason: self.reason,
             received: self.link.received,
             sent: self.link.sent,
@@ -127,14 +127,14 @@ pub fn deliver(
         }
         Err(Ending::Cut(Cut::Target(why))) => (why.clone(), Outcome::CutShort(why)),
         Err(Ending::Cut(Cut::Stopped) | Ending::Source(SourceError::Stopped)) => {
-            (reason::SHUTDOWN.to_string(), Outcome::Stopped)
+            (Reason::Shutdown.to_string(), Outcome::Stopped)
         }
         Err(Ending::Source(e)) => (
             "message file gone".to_string(),
             Outcome::Lost(e.to_string()),
         ),
     };
-    let closed = Closed {
+    let closed = CatchUpEnd {
         reason: &why,
         received: link.received,
         sent: link.sent,

@@ -35,7 +35,8 @@ use log::warn;
 use super::files::Pos;
 use super::packets::{PacketAt, PacketList};
 use super::target::HeaderRule;
-use crate::store::message::StoredMessage;
+use crate::net::side::Side;
+use crate::store::message::{Event, StoredMessage};
 
 /// Packets kept per connection until target N's fate is known.
 pub const RECENT: usize = 16;
@@ -174,16 +175,13 @@ impl Index {
         let Some(ident) = parse_ident(&message.ident) else {
             return;
         };
+        let ours = message.source.source() == self.number && self.is_ours(&message);
         match (message.source, message.event) {
-            (0, 1) => self.opened(ident, &message, pos),
-            (0, 0) => self.packet(ident, &message, pos),
-            (0, 2) => self.ended(ident, &message, pos),
-            (source, 2) if source == self.number && self.is_ours(&message) => {
-                self.target_dropped(ident, &message);
-            }
-            (source, 1) if source == self.number && self.is_ours(&message) => {
-                self.target_up = true;
-            }
+            (Side::Device, Event::Established) => self.opened(ident, &message, pos),
+            (Side::Device, Event::Data) => self.packet(ident, &message, pos),
+            (Side::Device, Event::Dropped) => self.ended(ident, &message, pos),
+            (Side::Target(_), Event::Dropped) if ours => self.target_dropped(ident, &message),
+            (Side::Target(_), Event::Established) if ours => self.target_up = true,
             _ => {}
         }
         if let (Some(tracked), Some(device)) = (self.open.get_mut(&ident), &message.device_ident) {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
-use crate::net::reason;
+use crate::net::reason::Reason;
 
 /// How long one wait lasts before the stop flag is looked at again.
 pub const SLICE: Duration = Duration::from_millis(100);
@@ -66,7 +66,7 @@ impl Link {
     }
 
     fn connect_one(address: SocketAddr, timeout: Duration, stop: &AtomicBool) -> Result<Link, Cut> {
-        let failed = |e: io::Error| Cut::Target(reason::connect_failed(&e).into_owned());
+        let failed = |e: io::Error| Cut::Target(Reason::connect_failed(&e).to_string());
         let mut stream = TcpStream::connect(address).map_err(failed)?;
         let poll = Poll::new().map_err(failed)?;
         poll.registry()
@@ -101,7 +101,7 @@ impl Link {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(Cut::Target(reason::CONNECT_TIMEOUT.into()));
+                return Err(Cut::Target(Reason::ConnectTimeout.to_string()));
             }
             link.wait(left.min(SLICE));
         }
@@ -115,7 +115,7 @@ impl Link {
                 return Err(Cut::Stopped);
             }
             match self.stream.write(bytes) {
-                Ok(0) => return Err(Cut::Target(reason::CLOSED_BY_PEER.into())),
+                Ok(0) => return Err(Cut::Target(Reason::ClosedByPeer.to_string())),
                 Ok(n) => {
                     self.sent += n as u64;
                     bytes = &bytes[n..];
@@ -124,10 +124,10 @@ impl Link {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Cut::Target(reason::describe(&e).into_owned())),
+                Err(e) => return Err(Cut::Target(Reason::io(&e).to_string())),
             }
             if self.read_replies()? {
-                return Err(Cut::Target(reason::CLOSED_BY_PEER.into()));
+                return Err(Cut::Target(Reason::ClosedByPeer.to_string()));
             }
             if progress.elapsed() >= self.stall {
                 return Err(Cut::Target("write timeout".into()));
@@ -167,7 +167,7 @@ impl Link {
                 Ok(n) => self.received += n as u64,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Cut::Target(reason::describe(&e).into_owned())),
+                Err(e) => return Err(Cut::Target(Reason::io(&e).to_string())),
             }
         }
     }

@@ -15,7 +15,8 @@ use super::files::{Files, Pos};
 use super::index::{Delivery, ScanFrom, parse_ident};
 use super::lines::Lines;
 use super::packets::{PacketAt, PacketIter};
-use crate::store::message::StoredMessage;
+use crate::net::side::Side;
+use crate::store::message::{Event, StoredMessage};
 
 /// What the next step of a delivery is.
 #[derive(Debug, PartialEq, Eq)]
@@ -140,8 +141,8 @@ impl<'a> Source<'a> {
         let message = StoredMessage::parse(lines.line())
             .map_err(|why| SourceError::Changed { file: name(), why })?;
         let same = parse_ident(&message.ident) == Some(ident)
-            && message.source == 0
-            && message.event == 0
+            && message.source == Side::Device
+            && message.event == Event::Data
             && message.payload_size == Some(packet.size);
         if !same {
             return Err(SourceError::Changed {
@@ -197,8 +198,8 @@ impl<'a> Source<'a> {
                 continue;
             };
             let ours = parse_ident(&message.ident) == Some(ident)
-                && message.source == 0
-                && message.event == 0
+                && message.source == Side::Device
+                && message.event == Event::Data
                 && !message.catchup
                 && message.transport.is_none();
             if !ours {

@@ -3,19 +3,19 @@
 //! Each thread that counts (a worker, the acceptor, the writer) owns one
 //! [`Counters`] and is its only writer, so a count is a plain load and store
 //! of a relaxed atomic, no locked instruction. Readers (the control thread)
-//! sum all of them into a [`Snapshot`]. Byte counts are per side: index 0 is
-//! the device side, 1..=3 the targets.
+//! sum all of them into a [`Snapshot`]. Counts are per side, indexed by
+//! [`Side::index`]: the device first, then targets 1..=3.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::catchup::stats::{CatchUpCounts, CatchUpStats};
-use crate::net::reason;
+use crate::net::reason::Reason;
+pub use crate::net::side::SIDES;
+use crate::net::side::Side;
 
-/// The device plus three targets.
-pub const SIDES: usize = 4;
-
-/// Why a side was dropped, as a small fixed set for metrics.
+/// Why a side was dropped, as a small fixed set for metrics; a
+/// [`Reason`] knows its kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropKind {
     ClosedByPeer,
@@ -50,23 +50,9 @@ impl DropKind {
         DropKind::Other,
     ];
 
-    /// The kind of a `proxy.reason`.
-    pub fn of(why: &str) -> DropKind {
-        match why {
-            reason::CLOSED_BY_PEER => DropKind::ClosedByPeer,
-            reason::RESET_BY_PEER => DropKind::ResetByPeer,
-            reason::IDLE_TIMEOUT => DropKind::IdleTimeout,
-            reason::CONNECT_TIMEOUT => DropKind::ConnectTimeout,
-            reason::TARGET_BUFFER_OVERFLOW => DropKind::BufferOverflow,
-            reason::DEVICE_FAILED => DropKind::DeviceFailed,
-            reason::TOO_MANY_CONNECTIONS => DropKind::TooManyConnections,
-            reason::CLOSED_BY_OPERATOR => DropKind::ClosedByOperator,
-            reason::SHUTDOWN => DropKind::Shutdown,
-            r if r.starts_with("connect failed") => DropKind::ConnectFailed,
-            r if r.starts_with("mandatory target") => DropKind::MandatoryTarget,
-            r if r.starts_with(reason::BAD_PROXY_HEADER) => DropKind::BadProxyHeader,
-            _ => DropKind::Other,
-        }
+    /// Its place in [`DropKind::ALL`] and in the arrays of counts.
+    pub fn index(self) -> usize {
+        self as usize
     }
 
     /// Its label value in metrics.
@@ -247,13 +233,9 @@ impl Counters {
         add(&self.udp_drops[cause.index()], n);
     }
 
-    pub fn drop_of(&self, side: usize, why: &str) {
-        let kind = DropKind::of(why);
-        let index = DropKind::ALL
-            .iter()
-            .position(|k| *k == kind)
-            .unwrap_or(KINDS - 1);
-        add(&self.drops[side][index], 1);
+    /// Counts a drop of `side` for `why`.
+    pub fn drop_of(&self, side: Side, why: &Reason) {
+        add(&self.drops[side.index()][why.kind().index()], 1);
     }
 }
 
@@ -349,8 +331,8 @@ impl Registry {
         if self.udp {
             s.udp = Some(self.udp_snapshot());
         }
-        let connect_failed = [DropKind::ConnectFailed, DropKind::ConnectTimeout]
-            .map(|k| DropKind::ALL.iter().position(|x| *x == k).unwrap_or(0));
+        let connect_failed =
+            [DropKind::ConnectFailed, DropKind::ConnectTimeout].map(DropKind::index);
         for side in 1..SIDES {
             s.connect_failures[side] = connect_failed.iter().map(|&i| s.drops[side][i]).sum();
         }
@@ -380,23 +362,35 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::reason::IoFailure;
+    use crate::net::side::TargetId;
+
+    #[test]
+    fn kinds_sit_at_their_index() {
+        for (index, kind) in DropKind::ALL.into_iter().enumerate() {
+            assert_eq!(kind.index(), index, "{kind:?}");
+        }
+    }
 
     #[test]
     fn reasons_fall_into_their_kind() {
-        assert_eq!(DropKind::of("closed by peer"), DropKind::ClosedByPeer);
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let target = crate::net::side::TargetId::from_number(2).unwrap();
+        assert_eq!(Reason::ClosedByPeer.kind(), DropKind::ClosedByPeer);
         assert_eq!(
-            DropKind::of("connect failed: connection refused"),
+            Reason::connect_failed(&refused).kind(),
             DropKind::ConnectFailed
         );
         assert_eq!(
-            DropKind::of("mandatory target 2 failed"),
+            Reason::MandatoryFailed(target).kind(),
             DropKind::MandatoryTarget
         );
         assert_eq!(
-            DropKind::of("bad proxy protocol header: not a PROXY header"),
+            Reason::BadProxyHeader("not a PROXY header".into()).kind(),
             DropKind::BadProxyHeader
         );
-        assert_eq!(DropKind::of("no route to host"), DropKind::Other);
+        let other = Reason::Io(IoFailure::Other("no route to host".into()));
+        assert_eq!(other.kind(), DropKind::Other);
     }
 
     #[test]
@@ -410,7 +404,10 @@ mod tests {
             add(&worker.opened, 2);
             add(&worker.closed, i as u64);
             add(&worker.bytes_received[0], 100);
-            worker.drop_of(1, "connect timeout");
+            worker.drop_of(
+                Side::Target(TargetId::from_number(1).unwrap()),
+                &Reason::ConnectTimeout,
+            );
         }
         let s = registry.snapshot(5);
         assert_eq!(s.udp, None, "no UDP section without PROXY_LISTEN_UDP");

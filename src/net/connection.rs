@@ -3,13 +3,16 @@
 //!
 //! A connection lives on one worker for its whole life and is only touched by
 //! that worker's thread. The worker notes readiness on its sockets and calls
-//! [`Connection::drive`], which moves bytes until nothing more can move (or a
-//! per-wake-up budget is spent). Invariants kept here:
+//! [`Connection::drive`], which does what `lifecycle::next_step` decides
+//! from the connection's states until nothing more can move (or a per-wake-up
+//! budget is spent). Invariants kept here:
 //! - bytes from the device go to every live target in order; a target's
 //!   queue never holds more than `target_buffer` bytes: the device is not
 //!   read while a mandatory target has anything queued (TCP holds the device
-//!   back, and bytes mostly go from socket to socket without a queue), and
-//!   a non-mandatory target that would go over is dropped;
+//!   back, and bytes mostly go from socket to socket without a queue), nor,
+//!   without a mandatory target, beyond what the non-mandatory target with
+//!   the most room can queue; a non-mandatory target that would go over is
+//!   dropped;
 //! - replies are not read from the targets while the device has replies
 //!   queued;
 //! - the device's event 1 is its first message and its event 2 its last; a
@@ -25,18 +28,22 @@ use mio::{Interest, Registry, Token};
 
 use crate::config::{AcceptProxyProtocol, Config, MAX_TARGETS, SendProxyProtocol};
 use crate::control::stats::{self, Counters};
-use crate::net::reason::{self, Reason};
-use crate::net::socket::{Endpoint, ReadOutcome};
+use crate::net::reason::Reason;
+use crate::net::side::{SIDES, Side, TargetId};
+use crate::net::socket::Endpoint;
 use crate::store::journal::{Closed, Journal};
-use crate::store::message::{DEVICE, Origin};
+use crate::store::message::Origin;
 
+mod device;
 mod header;
+mod lifecycle;
 mod report;
 mod targets;
+mod warnings;
 
 use header::HeaderWait;
+use lifecycle::{Ending, LinkState, LinkStatus, Next, Phase, next_step};
 pub use report::{ConnectionReport, TargetReport};
-use targets::target_spec;
 
 /// The most one read takes in store mode.
 const STORE_MAX_READ: usize = 256 * 1024;
@@ -48,7 +55,7 @@ const ROUNDS_PER_WAKE: usize = 8;
 /// A target as every connection sees it.
 #[derive(Debug, Clone)]
 pub struct TargetSpec {
-    pub number: u8,
+    pub id: TargetId,
     /// `proxy.target`: the configured host:port.
     pub label: String,
     pub mandatory: bool,
@@ -57,12 +64,14 @@ pub struct TargetSpec {
     /// For a target given by host name: set on each connect, so that the
     /// resolver knows the name is in use and looks it up again.
     pub used: Option<Arc<AtomicBool>>,
+    /// The rate limit of its warnings, shared by every worker.
+    pub warnings: Arc<warnings::Throttle>,
 }
 
 /// What connections need from the configuration, shared by the workers.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Indexed by target number - 1.
+    /// Indexed by [`TargetId::index`]; see [`Settings::target`].
     pub targets: [Option<TargetSpec>; MAX_TARGETS],
     pub target_buffer: usize,
     /// The most one read takes: in store mode a read becomes one message
@@ -81,8 +90,11 @@ impl Settings {
     pub fn new(config: &Config) -> Settings {
         let mut targets: [Option<TargetSpec>; MAX_TARGETS] = Default::default();
         for target in &config.targets {
-            targets[usize::from(target.number - 1)] = Some(TargetSpec {
-                number: target.number,
+            let Some(id) = TargetId::from_number(target.number) else {
+                continue;
+            };
+            targets[id.index()] = Some(TargetSpec {
+                id,
                 label: target.address.to_string(),
                 mandatory: target.mandatory,
                 replies: target.replies,
@@ -91,6 +103,7 @@ impl Settings {
                     Some(_) => None,
                     None => Some(Arc::new(AtomicBool::new(false))),
                 },
+                warnings: Arc::default(),
             });
         }
         Settings {
@@ -110,10 +123,15 @@ impl Settings {
                 .any(|t| t.send_proxy != SendProxyProtocol::Off),
         }
     }
+
+    /// Target `id`, if it is configured.
+    pub fn target(&self, id: TargetId) -> Option<&TargetSpec> {
+        self.targets[id.index()].as_ref()
+    }
 }
 
-/// The addresses of each target, tried in turn; none while a name does not
-/// resolve.
+/// The addresses of each target (indexed by [`TargetId::index`]), tried in
+/// turn; none while a name does not resolve.
 pub type TargetAddresses = [Vec<SocketAddr>; MAX_TARGETS];
 
 /// The worker's things a connection uses while it is driven.
@@ -128,16 +146,16 @@ pub struct Context<'a> {
 }
 
 impl Context<'_> {
-    /// Counts a read of `n` bytes from `side` (0 the device, 1..=3 a target).
-    fn received(&self, side: usize, n: usize) {
-        stats::add(&self.counters.bytes_received[side], n as u64);
-        stats::add(&self.counters.packets[side], 1);
+    /// Counts a read of `n` bytes from `side`.
+    fn received(&self, side: Side, n: usize) {
+        stats::add(&self.counters.bytes_received[side.index()], n as u64);
+        stats::add(&self.counters.packets[side.index()], 1);
     }
 
     /// Counts `n` bytes written to `side`.
-    fn sent(&self, side: usize, n: usize) {
+    fn sent(&self, side: Side, n: usize) {
         if n > 0 {
-            stats::add(&self.counters.bytes_sent[side], n as u64);
+            stats::add(&self.counters.bytes_sent[side.index()], n as u64);
         }
     }
 }
@@ -153,15 +171,22 @@ pub enum Drive {
     Finished,
 }
 
-/// The token of one socket: the connection's slot and the side (0 device,
-/// 1..=3 target).
-pub fn token(slot: usize, side: usize) -> Token {
-    Token(slot << 2 | side)
+/// Bits of a token that hold the side; the slot is in the bits above.
+const SIDE_BITS: u32 = 2;
+const _: () = assert!(
+    SIDES <= 1 << SIDE_BITS,
+    "the token's side bits hold every side"
+);
+
+/// The token of one socket: the connection's slot and the side.
+pub fn token(slot: usize, side: Side) -> Token {
+    Token(slot << SIDE_BITS | side.index())
 }
 
-/// The slot and side a token stands for.
-pub fn slot_and_side(token: Token) -> (usize, usize) {
-    (token.0 >> 2, token.0 & 3)
+/// The slot and side a token stands for (no side for bits that name none).
+pub fn slot_and_side(token: Token) -> (usize, Option<Side>) {
+    let side = Side::from_index(token.0 & ((1 << SIDE_BITS) - 1));
+    (token.0 >> SIDE_BITS, side)
 }
 
 /// A connection to one target.
@@ -169,17 +194,17 @@ struct Link {
     endpoint: Endpoint,
     /// Which of the target's addresses this connection is to.
     address: usize,
-    /// When the connect started, while it has not finished.
-    connecting_since: Option<Instant>,
+    state: LinkState,
 }
 
-/// Why and how the connection is ending.
-struct Ending {
-    reason: Reason,
-    /// The reason written for the targets still open.
-    target_reason: Reason,
-    /// Deliver what is queued for the device before closing it.
-    linger: bool,
+impl LinkStatus for Link {
+    fn state(&self) -> LinkState {
+        self.state
+    }
+
+    fn queued(&self) -> bool {
+        self.endpoint.queued() > 0
+    }
 }
 
 pub struct Connection {
@@ -188,12 +213,14 @@ pub struct Connection {
     /// The address the device connected to, for PROXY headers to targets.
     local: Option<SocketAddr>,
     device: Endpoint,
+    /// Indexed by [`TargetId::index`].
     targets: [Option<Link>; MAX_TARGETS],
-    /// While the device's PROXY protocol header is awaited.
-    header: Option<HeaderWait>,
+    phase: Phase,
     opened_at: Instant,
+    /// When a byte last moved on any side, or a target got connected.
     last_activity: Instant,
-    ending: Option<Ending>,
+    /// When the kernel's send queues were last looked into.
+    looked_at: Instant,
     /// On the worker's list of connections to drive.
     pub scheduled: bool,
 }
@@ -210,7 +237,7 @@ impl Connection {
         let registered = stream.set_nodelay(true).and_then(|()| {
             ctx.registry.register(
                 &mut stream,
-                token(slot, 0),
+                token(slot, Side::Device),
                 Interest::READABLE | Interest::WRITABLE,
             )
         });
@@ -224,42 +251,27 @@ impl Connection {
             local,
             device: Endpoint::new(stream, true),
             targets: Default::default(),
-            header: None,
+            phase: Phase::Open,
             opened_at: ctx.now,
             last_activity: ctx.now,
-            ending: None,
+            looked_at: ctx.now,
             scheduled: false,
         };
         if let Err(e) = registered {
-            log::warn!("{}: cannot watch the device socket: {e}", origin.ident);
-            ctx.journal.connected(origin, DEVICE, None);
-            connection.end(reason::describe(&e), reason::DEVICE_FAILED.into(), false);
+            // Its end is logged, as an error, when it finishes.
+            log::debug!("{}: cannot watch the device socket: {e}", origin.ident);
+            ctx.journal.connected(origin, Side::Device, None);
+            connection.end(Reason::io(&e), Reason::DeviceFailed, false);
             return connection;
         }
         match ctx.settings.accept_proxy {
             AcceptProxyProtocol::Off => {
-                ctx.journal.connected(origin, DEVICE, None);
+                ctx.journal.connected(origin, Side::Device, None);
                 connection.connect_targets(ctx);
             }
-            _ => connection.header = Some(HeaderWait::new(ctx.now)),
+            _ => connection.phase = Phase::AwaitingHeader(HeaderWait::new(ctx.now)),
         }
         connection
-    }
-
-    /// The device is known (its event 1 written): a connect to every
-    /// target at once. Once a mandatory target has failed at once, the
-    /// targets after it are not connected, but each still gets its event 2.
-    fn connect_targets(&mut self, ctx: &mut Context<'_>) {
-        for spec in ctx.settings.targets.iter().flatten() {
-            match self
-                .ending
-                .as_ref()
-                .map(|ending| ending.target_reason.clone())
-            {
-                Some(why) => self.target_failed_early(spec, why, ctx),
-                None => self.connect_target(spec, ctx),
-            }
-        }
     }
 
     pub fn origin(&self) -> Origin {
@@ -268,10 +280,10 @@ impl Connection {
 
     /// Records a poll event's hints for one side; `hangup` when the event
     /// reported the peer's end of stream or an error.
-    pub fn note_readiness(&mut self, side: usize, readable: bool, writable: bool, hangup: bool) {
+    pub fn note_readiness(&mut self, side: Side, readable: bool, writable: bool, hangup: bool) {
         let endpoint = match side {
-            0 => &mut self.device,
-            n => match &mut self.targets[n - 1] {
+            Side::Device => &mut self.device,
+            Side::Target(target) => match &mut self.targets[target.index()] {
                 Some(link) => &mut link.endpoint,
                 None => return,
             },
@@ -281,226 +293,172 @@ impl Connection {
         endpoint.hangup |= hangup;
     }
 
-    /// Moves bytes until nothing more can move now.
+    /// Does what the connection's states call for until nothing more can
+    /// move now.
     pub fn drive(&mut self, ctx: &mut Context<'_>, buffer: &mut [u8]) -> Drive {
         for _ in 0..ROUNDS_PER_WAKE {
-            if self.ending.is_some() {
-                return self.linger_or_finish(ctx);
-            }
-            if !self.step(ctx, buffer) {
-                return match self.ending {
-                    Some(_) => self.linger_or_finish(ctx),
-                    None => Drive::Idle,
-                };
+            let moved = match self.next() {
+                Next::ReadHeader => self.read_header(ctx, buffer),
+                Next::Relay => self.relay(ctx, buffer),
+                Next::PassEof(target) => {
+                    self.pass_eof(target, ctx);
+                    true
+                }
+                Next::EndExchange => {
+                    // No target is left to be given a reason.
+                    self.end(Reason::ClosedByPeer, Reason::ClosedByPeer, true);
+                    true
+                }
+                Next::Linger => self.linger(ctx),
+                Next::Finish => {
+                    self.finish(ctx);
+                    return Drive::Finished;
+                }
+            };
+            if !moved {
+                return Drive::Idle;
             }
         }
         Drive::Busy
     }
 
-    /// Enforces the connect and idle timeouts; returns whether the
-    /// connection now needs driving (it is ending, or lost a target).
+    /// What [`next_step`] decides for this connection now.
+    fn next(&self) -> Next {
+        next_step(&self.phase, &self.targets, self.device.queued() > 0)
+    }
+
+    /// Enforces the connect and idle timeouts; returns whether anything
+    /// changed, so that the connection needs driving (it is ending, or
+    /// lost a target).
     pub fn check_timers(&mut self, ctx: &mut Context<'_>) -> bool {
-        self.check_header_timeout(ctx);
-        let mut dropped_a_target = false;
-        for index in 0..MAX_TARGETS {
-            let expired = self.targets[index]
-                .as_ref()
-                .and_then(|link| link.connecting_since)
-                .is_some_and(|since| ctx.now >= since + ctx.settings.connect_timeout);
+        let mut changed = self.check_header_timeout(ctx);
+        for target in TargetId::all() {
+            let expired = matches!(
+                self.targets[target.index()],
+                Some(Link { state: LinkState::Connecting { since }, .. })
+                    if ctx.now >= since + ctx.settings.connect_timeout
+            );
             if expired {
-                self.target_failed(index, reason::CONNECT_TIMEOUT.into(), ctx);
-                dropped_a_target = true;
+                self.target_failed(target, Reason::ConnectTimeout, ctx);
+                changed = true;
             }
         }
-        let idle = ctx
-            .settings
-            .idle_timeout
-            .is_some_and(|limit| ctx.now >= self.last_activity + limit);
-        if idle {
-            match &mut self.ending {
-                // Lingering for a device that takes nothing: give up.
-                Some(ending) => ending.linger = false,
-                None => self.end(
-                    reason::IDLE_TIMEOUT.into(),
-                    reason::IDLE_TIMEOUT.into(),
-                    false,
-                ),
+        if let Some(limit) = ctx.settings.idle_timeout {
+            self.notice_deliveries(limit, ctx.now);
+            if ctx.now >= self.last_activity + limit {
+                self.end_now(Reason::IdleTimeout);
+                changed = true;
             }
         }
-        // A dropped target may have been the last one after the device's
-        // end of stream: driving the connection then ends it.
-        dropped_a_target || self.ending.is_some()
+        changed
+    }
+
+    /// Bytes written earlier may still be moving out of the kernel's send
+    /// queue to a slow peer: that is activity too, though nothing is read
+    /// or written meanwhile (megabytes drain for seconds). Looked into
+    /// only once the connection has been quiet for a tenth of the idle
+    /// timeout, so a busy connection costs nothing; a movement seen is
+    /// dated at the previous look, the earliest it can have happened.
+    fn notice_deliveries(&mut self, limit: Duration, now: Instant) {
+        if now < self.last_activity + limit / 10 {
+            return;
+        }
+        let mut moved = self.device.peer_took_more();
+        for link in self.targets.iter_mut().flatten() {
+            moved |= link.endpoint.peer_took_more();
+        }
+        if moved {
+            self.last_activity = self.last_activity.max(self.looked_at);
+        }
+        self.looked_at = now;
     }
 
     /// Ends the connection for a reason decided outside it (shutdown, an
     /// operator); the caller then drives it to finish.
-    pub fn close(&mut self, why: &'static str) {
-        match &mut self.ending {
-            // Already ending (lingering for the device): stop waiting.
-            Some(ending) => ending.linger = false,
-            None => self.end(why.into(), why.into(), false),
-        }
+    pub fn close(&mut self, why: Reason) {
+        self.end_now(why);
     }
 
-    /// One round: each side is read or written at most once.
-    fn step(&mut self, ctx: &mut Context<'_>, buffer: &mut [u8]) -> bool {
-        if self.header.is_some() {
-            return self.read_header(ctx, buffer);
-        }
+    /// One round of relaying: each side is read or written at most once,
+    /// and nothing more is read once the connection ends.
+    fn relay(&mut self, ctx: &mut Context<'_>, buffer: &mut [u8]) -> bool {
         let mut moved = self.finish_connects(ctx);
         moved |= self.flush_targets(ctx);
-        moved |= self.check_device_reset();
-        moved |= self.read_device(ctx, buffer);
-        moved |= self.read_targets(ctx, buffer);
-        moved |= self.flush_device(ctx);
-        self.pass_on_device_eof(ctx);
+        moved |= match self.phase {
+            Phase::Open => self.read_device(ctx, buffer),
+            Phase::ReadClosed => self.check_device_reset(),
+            _ => false,
+        };
+        moved |= self.phase.relays() && self.read_targets(ctx, buffer);
+        moved |= self.phase.relays() && self.flush_device(ctx);
         moved
     }
 
-    fn read_device(&mut self, ctx: &mut Context<'_>, buffer: &mut [u8]) -> bool {
-        if self.ending.is_some() || !self.device.readable || self.device.read_closed {
-            return false;
-        }
-        let limit = self.device_read_limit(ctx.settings, buffer.len());
-        if limit == 0 {
-            return false;
-        }
-        match self.device.read(&mut buffer[..limit]) {
-            ReadOutcome::Data(n) => {
-                self.last_activity = ctx.now;
-                ctx.received(0, n);
-                let packet = &buffer[..n];
-                ctx.journal.data(self.origin, DEVICE, None, packet);
-                self.forward_to_targets(packet, ctx);
-                true
-            }
-            ReadOutcome::WouldBlock => false,
-            ReadOutcome::Closed => true,
-            ReadOutcome::Failed(e) => {
-                self.end(reason::describe(&e), reason::DEVICE_FAILED.into(), false);
-                true
-            }
-        }
-    }
-
-    /// A device that resets after its end of stream is read no more, so
-    /// only its socket's pending error tells: then everything closes at
-    /// once, as for any device reset. Looked at once per poll event.
-    fn check_device_reset(&mut self) -> bool {
-        if !self.device.read_closed || !self.device.hangup || self.ending.is_some() {
-            return false;
-        }
-        self.device.hangup = false;
-        match self.device.stream.take_error() {
-            Ok(None) => false,
-            // After the device's FIN the kernel reports its RST as EPIPE,
-            // which `describe` names `reset by peer` too.
-            Ok(Some(e)) | Err(e) => {
-                self.end(reason::describe(&e), reason::DEVICE_FAILED.into(), false);
-                true
-            }
-        }
-    }
-
-    /// How much may be read from the device now: nothing while a mandatory
-    /// target still has bytes queued, so TCP holds the device back and a
-    /// queue never holds more than the rest of one read (bytes then go
-    /// straight from one socket to the other, not through a queue); and
-    /// never more than a target's buffer at once.
-    fn device_read_limit(&self, settings: &Settings, buffer_len: usize) -> usize {
-        let mandatory_behind = self.targets.iter().enumerate().any(|(index, link)| {
-            link.as_ref().is_some_and(|link| {
-                target_spec(settings, index).mandatory && link.endpoint.queued() > 0
-            })
-        });
-        match mandatory_behind {
-            true => 0,
-            false => buffer_len.min(settings.max_read),
-        }
-    }
-
-    fn flush_device(&mut self, ctx: &mut Context<'_>) -> bool {
-        if self.ending.is_some() || self.device.queued() == 0 {
-            return false;
-        }
-        match self.device.flush() {
-            Ok(0) => false,
-            Ok(written) => {
-                ctx.sent(0, written);
-                self.last_activity = ctx.now;
-                true
-            }
-            Err(e) => {
-                self.end(reason::describe(&e), reason::DEVICE_FAILED.into(), false);
-                true
-            }
-        }
-    }
-
-    /// After the device's end of stream: pass the FIN on to each target once
-    /// its queue is delivered, and end once no target is left.
-    fn pass_on_device_eof(&mut self, ctx: &mut Context<'_>) {
-        if !self.device.read_closed || self.ending.is_some() {
+    /// Passes the device's end of stream on to `target`, which has been
+    /// given everything the device sent.
+    fn pass_eof(&mut self, target: TargetId, ctx: &mut Context<'_>) {
+        let Some(link) = &mut self.targets[target.index()] else {
             return;
-        }
-        for index in 0..MAX_TARGETS {
-            let Some(link) = &mut self.targets[index] else {
-                continue;
-            };
-            if link.connecting_since.is_some() || link.endpoint.queued() > 0 {
-                continue;
-            }
-            if let Err(e) = link.endpoint.shutdown_write() {
-                self.target_failed(index, reason::describe(&e), ctx);
-            }
-        }
-        if self.targets.iter().all(Option::is_none) && self.ending.is_none() {
-            // No target is left to be given a reason.
-            let why: Reason = reason::CLOSED_BY_PEER.into();
-            self.end(why.clone(), why, true);
+        };
+        link.state = LinkState::WriteClosed;
+        if let Err(e) = link.endpoint.shutdown_write() {
+            self.target_failed(target, Reason::io(&e), ctx);
         }
     }
 
     /// Decides the connection ends; the first reason given is kept.
     fn end(&mut self, why: Reason, target_reason: Reason, linger: bool) {
-        if self.ending.is_none() {
-            self.ending = Some(Ending {
-                reason: why,
-                target_reason,
-                linger,
-            });
+        if let Phase::Ending(_) | Phase::Closed = self.phase {
+            return;
+        }
+        let unannounced = matches!(self.phase, Phase::AwaitingHeader(_));
+        self.phase = Phase::Ending(Ending {
+            reason: why,
+            target_reason,
+            linger,
+            unannounced,
+        });
+    }
+
+    /// Ends the connection at once: a connection already ending stops
+    /// waiting for its device to take its replies.
+    fn end_now(&mut self, why: Reason) {
+        match &mut self.phase {
+            Phase::Ending(ending) => ending.linger = false,
+            _ => self.end(why.clone(), why, false),
         }
     }
 
-    fn linger_or_finish(&mut self, ctx: &mut Context<'_>) -> Drive {
-        let lingering = self.ending.as_ref().is_some_and(|e| e.linger);
-        if lingering && self.device.queued() > 0 {
-            let flushed = self.device.flush();
-            if let Ok(written) = flushed {
-                ctx.sent(0, written);
+    /// Delivers replies queued for the device before it closes; false
+    /// while the device has not taken them all.
+    fn linger(&mut self, ctx: &mut Context<'_>) -> bool {
+        match self.device.flush() {
+            Ok(written) => {
+                ctx.sent(Side::Device, written);
+                self.device.queued() == 0
             }
-            match flushed {
-                Ok(_) if self.device.queued() > 0 => return Drive::Idle,
-                Ok(_) => {}
-                Err(e) => log::debug!("{}: device write failed: {e}", self.origin.ident),
+            Err(e) => {
+                log::debug!("{}: device write failed: {e}", self.origin.ident);
+                if let Phase::Ending(ending) = &mut self.phase {
+                    ending.linger = false;
+                }
+                true
             }
         }
-        self.finish(ctx);
-        Drive::Finished
     }
 
     /// Closes every socket left, targets first, and writes their events 2.
     fn finish(&mut self, ctx: &mut Context<'_>) {
-        let Some(ending) = self.ending.take() else {
+        let Phase::Ending(ending) = std::mem::replace(&mut self.phase, Phase::Closed) else {
             return;
         };
-        if self.header.take().is_some() {
+        if ending.unannounced {
             // Closed while its PROXY header was awaited (shutdown, an
             // operator, the idle timeout): its event 1 still comes first.
-            ctx.journal.connected(self.origin, DEVICE, None);
+            ctx.journal.connected(self.origin, Side::Device, None);
         }
-        for index in 0..MAX_TARGETS {
-            self.drop_target(index, ending.target_reason.clone(), ctx);
+        for target in TargetId::all() {
+            self.drop_target(target, &ending.target_reason, ctx);
         }
         // The socket is closed right after; a failed deregister changes nothing.
         let _ = ctx.registry.deregister(&mut self.device.stream);
@@ -509,7 +467,9 @@ impl Connection {
             received: self.device.received,
             sent: self.device.sent,
         };
-        ctx.journal.dropped(self.origin, DEVICE, None, &closed);
-        ctx.counters.drop_of(0, &ending.reason);
+        ctx.journal
+            .dropped(self.origin, Side::Device, None, &closed);
+        ctx.counters.drop_of(Side::Device, &ending.reason);
+        warnings::device_dropped(self.origin, &ending.reason);
     }
 }

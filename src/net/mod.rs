@@ -5,8 +5,9 @@
 //! [`connection`]: the device and its targets, each a non-blocking
 //! [`socket`] with a bounded queue. [`proxy_header`] reads and writes HAProxy
 //! PROXY protocol headers, the [`resolver`] keeps target host names fresh
-//! off the workers, and [`reason`] names why a side was dropped. [`udp`]
-//! holds the UDP devices' sessions, which live on the workers too.
+//! off the workers, [`side`] names a connection's sides (the device, target
+//! n) and [`reason`] says why a side was dropped. [`udp`] holds the UDP
+//! devices' sessions, which live on the workers too.
 
 pub mod acceptor;
 pub mod admission;
@@ -16,6 +17,7 @@ pub mod limits;
 pub mod proxy_header;
 pub mod reason;
 pub mod resolver;
+pub mod side;
 pub mod socket;
 pub mod udp;
 pub mod worker;

@@ -1,5 +1,6 @@
 //! One non-blocking TCP socket of a connection: its cached readiness, its
-//! bounded write queue and its byte counters.
+//! bounded write queue, its byte counters, and how much of what was
+//! written its peer has taken.
 //!
 //! Registration is edge-triggered, so readiness is remembered here: a flag is
 //! set by a poll event and cleared only when the operation returns
@@ -36,14 +37,13 @@ pub struct Endpoint {
     /// A poll event reported the peer's end of stream or an error: read
     /// until the read says so, even after a short read.
     pub hangup: bool,
-    /// The peer's end of stream has been read.
-    pub read_closed: bool,
-    /// Our sending side has been shut down.
-    pub write_closed: bool,
     /// Bytes read from this socket.
     pub received: u64,
     /// Bytes written to this socket.
     pub sent: u64,
+    /// Of those, the bytes the peer had acknowledged when last looked at
+    /// (see [`Endpoint::peer_took_more`]).
+    acknowledged: u64,
 }
 
 impl Endpoint {
@@ -56,10 +56,9 @@ impl Endpoint {
             readable: ready,
             writable: ready,
             hangup: false,
-            read_closed: false,
-            write_closed: false,
             received: 0,
             sent: 0,
+            acknowledged: 0,
         }
     }
 
@@ -82,10 +81,7 @@ impl Endpoint {
     pub fn read(&mut self, buf: &mut [u8]) -> ReadOutcome {
         loop {
             match self.stream.read(buf) {
-                Ok(0) => {
-                    self.read_closed = true;
-                    return ReadOutcome::Closed;
-                }
+                Ok(0) => return ReadOutcome::Closed,
                 Ok(n) => {
                     self.received += n as u64;
                     if n < buf.len() && !self.hangup {
@@ -138,12 +134,25 @@ impl Endpoint {
         Ok(total)
     }
 
-    /// Shuts down our sending side once (passes the peer's FIN on).
-    pub fn shutdown_write(&mut self) -> io::Result<()> {
-        if self.write_closed {
-            return Ok(());
+    /// Whether the peer acknowledged bytes since the last look: bytes
+    /// written earlier still moving out of the kernel's send queue to a
+    /// slow peer, though nothing is written or read here. One ioctl while
+    /// bytes are in flight, none once the peer has them all.
+    pub fn peer_took_more(&mut self) -> bool {
+        if self.sent == self.acknowledged {
+            return false;
         }
-        self.write_closed = true;
+        let Ok(in_flight) = unacknowledged(&self.stream) else {
+            return false;
+        };
+        let acknowledged = self.sent.saturating_sub(in_flight);
+        let more = acknowledged > self.acknowledged;
+        self.acknowledged = self.acknowledged.max(acknowledged);
+        more
+    }
+
+    /// Shuts down our sending side (passes the peer's FIN on).
+    pub fn shutdown_write(&mut self) -> io::Result<()> {
         match self.stream.shutdown(Shutdown::Write) {
             Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
             _ => Ok(()),
@@ -174,6 +183,28 @@ fn write_some(stream: &mut TcpStream, writable: &mut bool, data: &[u8]) -> io::R
         }
     }
     Ok(written)
+}
+
+/// Bytes written to `stream` that its peer has not acknowledged yet (a
+/// sent FIN counts as one).
+#[cfg(target_os = "linux")]
+fn unacknowledged(stream: &TcpStream) -> io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let mut in_flight: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ's number) on an open TCP socket writes one
+    // c_int, which `in_flight` is.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut in_flight) };
+    match rc {
+        0 => Ok(u64::try_from(in_flight).unwrap_or(0)),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// Elsewhere the kernel's send queue is not looked into: only writes and
+/// reads count as activity.
+#[cfg(not(target_os = "linux"))]
+fn unacknowledged(_: &TcpStream) -> io::Result<u64> {
+    Err(io::ErrorKind::Unsupported.into())
 }
 
 /// Bytes a slow peer has not taken yet. Holds no allocation while empty, so

@@ -25,7 +25,8 @@ use crate::net::admission::Permit;
 use crate::net::connection::{
     Connection, ConnectionReport, Context, Drive, Settings, TargetAddresses, slot_and_side,
 };
-use crate::net::reason;
+use crate::net::reason::Reason;
+use crate::net::side::TargetId;
 use crate::net::udp::{self, UdpSessions, UdpSetup};
 use crate::store::journal::Journal;
 use crate::store::message::{Ident, Origin};
@@ -204,9 +205,9 @@ impl Worker {
                 );
             }
             if stop {
-                self.close_all(reason::SHUTDOWN, now);
+                self.close_all(Reason::Shutdown, now);
                 // UDP: hook 4, sessions end with `shutdown` too.
-                self.udp.close_all(reason::SHUTDOWN, &mut self.journal, now);
+                self.udp.close_all(Reason::Shutdown, &mut self.journal, now);
                 self.journal.flush();
                 return;
             }
@@ -224,7 +225,9 @@ impl Worker {
     }
 
     fn note(&mut self, token: Token, readable: bool, writable: bool, hangup: bool) {
-        let (slot, side) = slot_and_side(token);
+        let (slot, Some(side)) = slot_and_side(token) else {
+            return;
+        };
         if let Some(connection) = self.connections.get_mut(slot) {
             connection.note_readiness(side, readable, writable, hangup);
             schedule(&mut self.scheduled, connection, slot);
@@ -241,7 +244,9 @@ impl Worker {
                     permit,
                 }) => self.adopt(stream, origin, permit, now),
                 Ok(Command::TargetAddress { number, addresses }) => {
-                    self.addresses[usize::from(number - 1)] = addresses;
+                    if let Some(target) = TargetId::from_number(number) {
+                        self.addresses[target.index()] = addresses;
+                    }
                 }
                 Ok(Command::List { reply }) => {
                     // UDP: hook 7 (with the close below), sessions are listed
@@ -276,7 +281,7 @@ impl Worker {
         match found {
             Some((slot, connection)) => {
                 log::info!("[worker {}] {ident}: closed by operator", self.id);
-                connection.close(reason::CLOSED_BY_OPERATOR);
+                connection.close(Reason::ClosedByOperator);
                 schedule(&mut self.scheduled, connection, slot);
                 true
             }
@@ -359,9 +364,9 @@ impl Worker {
         }
     }
 
-    fn close_all(&mut self, why: &'static str, now: Instant) {
+    fn close_all(&mut self, why: Reason, now: Instant) {
         for (slot, connection) in self.connections.iter_mut() {
-            connection.close(why);
+            connection.close(why.clone());
             schedule(&mut self.scheduled, connection, slot);
         }
         let open = self.connections.len();

@@ -13,6 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::control::stats::{self, Counters};
+use crate::net::reason::Reason;
+use crate::net::side::Side;
 use crate::store::message::{Event, Message, Micros, Origin};
 
 /// A batch is sent once it holds this many bytes (or at the end of a loop
@@ -128,7 +130,7 @@ impl Journal {
     }
 
     /// Event 1 of the device (`target` None) or of a target.
-    pub fn connected(&mut self, origin: Origin, source: u8, target: Option<&str>) {
+    pub fn connected(&mut self, origin: Origin, source: Side, target: Option<&str>) {
         self.connected_via(origin, source, target, None);
     }
 
@@ -137,18 +139,18 @@ impl Journal {
     pub fn connected_via(
         &mut self,
         origin: Origin,
-        source: u8,
+        source: Side,
         target: Option<&str>,
         transport: Option<&'static str>,
     ) {
-        let mut message = self.message(origin, Event::Connected, source, target);
+        let mut message = self.message(origin, Event::Established, source, target);
         message.transport = transport;
         self.write(&message);
     }
 
     /// Event 0: a packet, written only in store mode; its hex only when it
     /// is no larger than the maximum payload.
-    pub fn data(&mut self, origin: Origin, source: u8, target: Option<&str>, payload: &[u8]) {
+    pub fn data(&mut self, origin: Origin, source: Side, target: Option<&str>, payload: &[u8]) {
         self.data_via(origin, source, target, payload, None);
     }
 
@@ -156,7 +158,7 @@ impl Journal {
     pub fn data_via(
         &mut self,
         origin: Origin,
-        source: u8,
+        source: Side,
         target: Option<&str>,
         payload: &[u8],
         transport: Option<&'static str>,
@@ -177,7 +179,7 @@ impl Journal {
     pub fn dropped(
         &mut self,
         origin: Origin,
-        source: u8,
+        source: Side,
         target: Option<&str>,
         close: &Closed<'_>,
     ) {
@@ -188,14 +190,15 @@ impl Journal {
     pub fn dropped_via(
         &mut self,
         origin: Origin,
-        source: u8,
+        source: Side,
         target: Option<&str>,
         close: &Closed<'_>,
         transport: Option<&'static str>,
     ) {
+        let reason = close.reason.text();
         let mut message = self.message(origin, Event::Dropped, source, target);
         message.transport = transport;
-        message.reason = Some(close.reason);
+        message.reason = Some(&reason);
         message.bytes_received = Some(close.received);
         message.bytes_sent = Some(close.sent);
         self.write(&message);
@@ -207,14 +210,17 @@ impl Journal {
     pub fn catchup(
         &mut self,
         origin: Origin,
-        source: u8,
+        number: u8,
         target: &str,
         device_ident: Option<&str>,
-        close: Option<&Closed<'_>>,
+        close: Option<&CatchUpEnd<'_>>,
     ) {
+        let Some(source) = Side::from_source(number) else {
+            return;
+        };
         let event = match close {
             Some(_) => Event::Dropped,
-            None => Event::Connected,
+            None => Event::Established,
         };
         let mut message = self.message(origin, event, source, Some(target));
         message.device_ident = device_ident;
@@ -248,7 +254,7 @@ impl Journal {
         &self,
         origin: Origin,
         event: Event,
-        source: u8,
+        source: Side,
         target: Option<&'a str>,
     ) -> Message<'a> {
         let time = Micros::now();
@@ -257,7 +263,7 @@ impl Journal {
             protocol_id: self.settings.protocol_id,
             ident: origin.ident,
             peer: origin.peer,
-            event: event as u8,
+            event,
             source,
             payload_size: None,
             payload: None,
@@ -285,9 +291,16 @@ impl Journal {
     }
 }
 
+/// How a catch-up delivery ended, for its event 2.
+pub struct CatchUpEnd<'a> {
+    pub reason: &'a str,
+    pub received: u64,
+    pub sent: u64,
+}
+
 /// How one side of a connection ended, for its event 2.
 pub struct Closed<'a> {
-    pub reason: &'a str,
+    pub reason: &'a Reason,
     pub received: u64,
     pub sent: u64,
 }

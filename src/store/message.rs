@@ -18,16 +18,45 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 
-/// `proxy.event`: what happened.
+use crate::net::side::Side;
+
+/// `proxy.event`: what happened, written and read as its number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
+    /// A packet: what one read from a socket returned.
     Data = 0,
-    Connected = 1,
+    /// The connection was established.
+    Established = 1,
+    /// The connection was dropped.
     Dropped = 2,
 }
 
-/// `proxy.source` of the device side; targets are 1..=3.
-pub const DEVICE: u8 = 0;
+impl Event {
+    /// Its `proxy.event` number.
+    pub fn number(self) -> u8 {
+        self as u8
+    }
+}
+
+impl TryFrom<u8> for Event {
+    type Error = String;
+
+    fn try_from(number: u8) -> Result<Event, String> {
+        match number {
+            0 => Ok(Event::Data),
+            1 => Ok(Event::Established),
+            2 => Ok(Event::Dropped),
+            _ => Err(format!("proxy.event {number} is not 0, 1 or 2")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Event {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Event, D::Error> {
+        let number = u8::deserialize(deserializer)?;
+        Event::try_from(number).map_err(serde::de::Error::custom)
+    }
+}
 
 /// `proxy.transport` of a UDP session's messages (TCP ones have none).
 pub const UDP: &str = "udp";
@@ -111,8 +140,8 @@ pub struct Message<'a> {
     pub protocol_id: u64,
     pub ident: Ident,
     pub peer: SocketAddr,
-    pub event: u8,
-    pub source: u8,
+    pub event: Event,
+    pub source: Side,
     pub payload_size: Option<usize>,
     /// Written as `proxy.payload.hex`.
     pub payload: Option<&'a [u8]>,
@@ -168,9 +197,9 @@ impl Message<'_> {
         let _ = write!(out, "{}", self.peer);
         out.push(b'"');
         out.extend_from_slice(b",\"proxy.event\":");
-        write_number(out, u64::from(self.event));
+        write_number(out, u64::from(self.event.number()));
         out.extend_from_slice(b",\"proxy.source\":");
-        write_number(out, u64::from(self.source));
+        write_number(out, u64::from(self.source.source()));
         if let Some(size) = self.payload_size {
             out.extend_from_slice(b",\"proxy.payload.size\":");
             write_number(out, size as u64);
@@ -274,9 +303,9 @@ pub struct StoredMessage<'a> {
     #[serde(borrow)]
     pub peer: Cow<'a, str>,
     #[serde(rename = "proxy.event")]
-    pub event: u8,
+    pub event: Event,
     #[serde(rename = "proxy.source")]
-    pub source: u8,
+    pub source: Side,
     #[serde(rename = "proxy.payload.size")]
     pub payload_size: Option<u64>,
     /// Hex never needs JSON escapes, so it is always borrowed.
@@ -305,16 +334,9 @@ pub struct StoredMessage<'a> {
 
 impl<'a> StoredMessage<'a> {
     /// Parses one line; a line that is valid JSON but not one of our
-    /// messages is an error too.
+    /// messages (an unknown event or source included) is an error too.
     pub fn parse(line: &'a [u8]) -> Result<StoredMessage<'a>, String> {
-        let message: StoredMessage<'a> = serde_json::from_slice(line).map_err(|e| e.to_string())?;
-        if message.event > Event::Dropped as u8 {
-            return Err(format!("proxy.event {} is not 0, 1 or 2", message.event));
-        }
-        if message.source > 3 {
-            return Err(format!("proxy.source {} is not 0 to 3", message.source));
-        }
-        Ok(message)
+        serde_json::from_slice(line).map_err(|e| e.to_string())
     }
 }
 
@@ -329,8 +351,8 @@ mod tests {
             protocol_id: 0,
             ident: Ident(0x00ab_cdef_0123_4567),
             peer: "[::1]:4000".parse().unwrap(),
-            event: Event::Data as u8,
-            source: DEVICE,
+            event: Event::Data,
+            source: Side::Device,
             payload_size: Some(payload.len()),
             payload: Some(payload),
             time: Micros(1_795_000_000_012_300),
@@ -369,9 +391,32 @@ mod tests {
     }
 
     #[test]
+    fn events_and_sources_read_back_from_their_numbers() {
+        let mut message = sample(b"x");
+        message.event = Event::Established;
+        message.source = Side::from_source(3).unwrap();
+        let text = line(&message);
+        assert!(
+            text.contains(r#""proxy.event":1,"proxy.source":3,"#),
+            "{text}"
+        );
+        let stored = StoredMessage::parse(text.as_bytes()).unwrap();
+        assert_eq!(
+            (stored.event, stored.source),
+            (message.event, message.source)
+        );
+        let bad_event = text.replace(r#""proxy.event":1"#, r#""proxy.event":3"#);
+        let error = StoredMessage::parse(bad_event.as_bytes()).unwrap_err();
+        assert!(error.contains("proxy.event 3 is not 0, 1 or 2"), "{error}");
+        let bad_source = text.replace(r#""proxy.source":3"#, r#""proxy.source":4"#);
+        let error = StoredMessage::parse(bad_source.as_bytes()).unwrap_err();
+        assert!(error.contains("proxy.source 4 is not 0 to 3"), "{error}");
+    }
+
+    #[test]
     fn strings_are_escaped_as_serde_json_would() {
         let mut message = sample(b"");
-        message.event = Event::Dropped as u8;
+        message.event = Event::Dropped;
         message.payload = None;
         message.payload_size = None;
         let reason = "quote \" backslash \\ newline \n tab \t nul \u{0} é";
@@ -394,8 +439,8 @@ mod tests {
     #[test]
     fn catch_up_keys_follow_the_byte_counts_and_read_back() {
         let mut message = sample(b"");
-        message.event = Event::Dropped as u8;
-        message.source = 2;
+        message.event = Event::Dropped;
+        message.source = Side::from_source(2).expect("target 2");
         message.payload = None;
         message.payload_size = None;
         message.target = Some("10.0.0.7:5000");

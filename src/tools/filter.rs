@@ -5,15 +5,16 @@
 //! duration back from now (`15m`, `2h`, `7d`). `--since` is inclusive and
 //! `--until` exclusive.
 
-use crate::store::message::StoredMessage;
+use crate::net::side::Side;
+use crate::store::message::{Event, StoredMessage};
 use crate::units::parse_duration;
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Filter {
     pub ident: Option<String>,
     pub peer: Option<String>,
-    pub source: Option<u8>,
-    pub event: Option<u8>,
+    pub source: Option<Side>,
+    pub event: Option<Event>,
     /// Seconds since the epoch.
     pub since: Option<f64>,
     pub until: Option<f64>,
@@ -41,7 +42,7 @@ impl Filter {
             "--ident" => self.ident = Some(value.to_ascii_lowercase()),
             "--peer" => self.peer = Some(value.to_string()),
             "--source" => {
-                let source = value.parse().ok().filter(|s| *s <= 3);
+                let source = value.parse().ok().and_then(Side::from_source);
                 self.source =
                     Some(source.ok_or_else(|| error("0 (device) or 1, 2, 3 (a target)"))?);
             }
@@ -99,11 +100,11 @@ fn peer_matches(peer: &str, wanted: &str) -> bool {
     address == wanted || address.trim_start_matches('[').trim_end_matches(']') == wanted
 }
 
-fn parse_event(text: &str) -> Option<u8> {
+fn parse_event(text: &str) -> Option<Event> {
     match text.to_ascii_lowercase().as_str() {
-        "0" | "data" => Some(0),
-        "1" | "connected" | "connect" => Some(1),
-        "2" | "disconnected" | "disconnect" | "dropped" => Some(2),
+        "0" | "data" => Some(Event::Data),
+        "1" | "connected" | "connect" => Some(Event::Established),
+        "2" | "disconnected" | "disconnect" | "dropped" => Some(Event::Dropped),
         _ => None,
     }
 }

@@ -27,7 +27,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::store::message::{DEVICE, StoredMessage, UDP};
+use crate::net::side::Side;
+use crate::store::message::{Event, StoredMessage, UDP};
 use crate::tools::filter::Filter;
 use crate::tools::reader::{LineReader, ReadError, message_files, report_skipped};
 
@@ -155,7 +156,7 @@ impl Index {
         file: usize,
         offset: u64,
     ) {
-        if message.source != DEVICE {
+        if message.source != Side::Device {
             return;
         }
         let recorded = self.recorded(&message.ident, &message.peer);
@@ -245,8 +246,8 @@ fn ident_in(bytes: &[u8]) -> Option<String> {
 fn note(recorded: &mut Recorded, message: &StoredMessage<'_>, file: usize, offset: u64) {
     recorded.udp |= message.transport.as_deref() == Some(UDP);
     match message.event {
-        1 => recorded.started = Some(message.server_timestamp),
-        0 => {
+        Event::Established => recorded.started = Some(message.server_timestamp),
+        Event::Data => {
             if message.payload_hex.is_none() {
                 recorded.gap.get_or_insert_with(|| {
                     let size = message.payload_size.unwrap_or(0);
@@ -262,7 +263,7 @@ fn note(recorded: &mut Recorded, message: &StoredMessage<'_>, file: usize, offse
                 time: message.server_timestamp,
             });
         }
-        _ => recorded.device_received = message.bytes_received,
+        Event::Dropped => recorded.device_received = message.bytes_received,
     }
 }
 

@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use jiff::tz::TimeZone;
 
-use crate::store::message::{DEVICE, Micros, StoredMessage};
+use crate::net::side::Side;
+use crate::store::message::{Event, Micros, StoredMessage};
 use crate::store::rotation::CURRENT;
 use crate::tools::filter::Filter;
 use crate::tools::reader::{
@@ -300,7 +301,7 @@ impl Printer {
     }
 
     fn decode_payload(&mut self, message: &StoredMessage<'_>) -> Result<bool, PrintError> {
-        let Some(hex_text) = message.payload_hex.filter(|_| message.event == 0) else {
+        let Some(hex_text) = message.payload_hex.filter(|_| message.event == Event::Data) else {
             return Ok(false);
         };
         self.payload.resize(hex_text.len() / 2, 0);
@@ -373,41 +374,42 @@ fn json_without_controls(raw: &[u8]) -> Cow<'_, [u8]> {
 /// `target N>` for a target's connection events.
 fn side_label(message: &StoredMessage<'_>) -> String {
     match (message.source, message.event) {
-        (DEVICE, _) => "device>".to_string(),
-        (n, 0) => format!("<target {n}"),
-        (n, _) => format!("target {n}>"),
+        (Side::Device, _) => "device>".to_string(),
+        (Side::Target(n), Event::Data) => format!("<target {n}"),
+        (Side::Target(n), _) => format!("target {n}>"),
     }
 }
 
 fn event_words(message: &StoredMessage<'_>) -> String {
     match message.event {
-        0 => {
+        Event::Data => {
             let size = message.payload_size.unwrap_or(0);
             match message.payload_hex {
                 Some(_) => format!("data {size} B"),
                 None => format!("data {size} B (payload not stored)"),
             }
         }
-        1 => match &message.target {
+        Event::Established => match &message.target {
             Some(target) => format!("connected to {}", printable(target)),
             None => "connected".to_string(),
         },
-        2 => format!(
+        Event::Dropped => format!(
             "disconnected: {} (received {} B, sent {} B)",
             printable(message.reason.as_deref().unwrap_or("no reason given")),
             message.bytes_received.unwrap_or(0),
             message.bytes_sent.unwrap_or(0)
         ),
-        other => format!("event {other}"),
     }
 }
 
-fn color_of(source: u8) -> &'static str {
-    match source {
-        DEVICE => "\x1b[36m",
-        1 => "\x1b[33m",
-        2 => "\x1b[35m",
-        _ => "\x1b[32m",
+fn color_of(side: Side) -> &'static str {
+    match side {
+        Side::Device => "\x1b[36m",
+        Side::Target(target) => match target.number() {
+            1 => "\x1b[33m",
+            2 => "\x1b[35m",
+            _ => "\x1b[32m",
+        },
     }
 }
 

@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{READ_TICK, is_timeout, millis, poll_until, secs, small_receive_buffer};
 
@@ -27,6 +27,8 @@ pub enum Behaviour {
     NeverRead,
     /// Reads nothing until the flag is set, then behaves like `Record`.
     Gated(Arc<AtomicBool>),
+    /// Like `Record`, reading at most this many bytes a second.
+    Paced { bytes_per_second: usize },
 }
 
 /// What happened on one accepted connection.
@@ -243,6 +245,14 @@ fn serve(mut stream: TcpStream, conn: &TargetConn, behaviour: Behaviour, stop: &
             while !stop.load(Ordering::SeqCst) {
                 thread::sleep(millis(20));
             }
+        }
+        Behaviour::Paced { bytes_per_second } => {
+            let started = Instant::now();
+            read_loop(&mut stream, conn, stop, |_, _| {
+                let due = conn.received_len() as f64 / bytes_per_second as f64;
+                thread::sleep(Duration::from_secs_f64(due).saturating_sub(started.elapsed()));
+                true
+            });
         }
         Behaviour::Gated(gate) => {
             while !stop.load(Ordering::SeqCst) && !gate.load(Ordering::SeqCst) {

@@ -13,11 +13,12 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use super::lifecycle::Phase;
 use super::{Connection, Context};
 use crate::net::proxy_header::{self, MAX_HEADER, Parsed};
-use crate::net::reason::{self, Reason};
+use crate::net::reason::Reason;
+use crate::net::side::Side;
 use crate::net::socket::ReadOutcome;
-use crate::store::message::DEVICE;
 use crate::units::format_duration;
 
 /// The header bytes read so far.
@@ -38,7 +39,7 @@ impl HeaderWait {
 impl Connection {
     /// Reads towards the header; true when something happened.
     pub(super) fn read_header(&mut self, ctx: &mut Context<'_>, buffer: &mut [u8]) -> bool {
-        let Some(wait) = &mut self.header else {
+        let Phase::AwaitingHeader(wait) = &mut self.phase else {
             return false;
         };
         if !self.device.readable {
@@ -69,22 +70,24 @@ impl Connection {
                 true
             }
             ReadOutcome::Failed(e) => {
-                self.header_failed(reason::describe(&e).into_owned(), ctx);
+                self.header_failed(Reason::io(&e).to_string(), ctx);
                 true
             }
         }
     }
 
-    /// Ends a connection whose header did not arrive in time.
-    pub(super) fn check_header_timeout(&mut self, ctx: &mut Context<'_>) {
-        let late = self
-            .header
-            .as_ref()
-            .is_some_and(|wait| ctx.now >= wait.since + ctx.settings.connect_timeout);
+    /// Ends a connection whose header did not arrive in time; returns
+    /// whether it did.
+    pub(super) fn check_header_timeout(&mut self, ctx: &mut Context<'_>) -> bool {
+        let late = matches!(
+            &self.phase,
+            Phase::AwaitingHeader(wait) if ctx.now >= wait.since + ctx.settings.connect_timeout
+        );
         if late {
             let limit = format_duration(ctx.settings.connect_timeout);
             self.header_failed(format!("none within {limit}"), ctx);
         }
+        late
     }
 
     /// A header of `length` bytes was read. `relayed` is false for a v2
@@ -98,7 +101,7 @@ impl Connection {
         relayed: bool,
         ctx: &mut Context<'_>,
     ) {
-        let Some(wait) = self.header.take() else {
+        let Phase::AwaitingHeader(wait) = std::mem::replace(&mut self.phase, Phase::Open) else {
             return;
         };
         if let Some(source) = source {
@@ -109,32 +112,34 @@ impl Connection {
         }
         // The header is the balancer's, not the device's.
         self.device.received = self.device.received.saturating_sub(length as u64);
-        ctx.journal.connected(self.origin, DEVICE, None);
+        ctx.journal.connected(self.origin, Side::Device, None);
         // Device bytes that came with the header were received before any
         // target was tried: stored first, forwarded once targets exist.
         let rest = &wait.bytes[length..];
         if !rest.is_empty() {
             self.last_activity = ctx.now;
-            ctx.received(0, rest.len());
-            ctx.journal.data(self.origin, DEVICE, None, rest);
+            ctx.received(Side::Device, rest.len());
+            ctx.journal.data(self.origin, Side::Device, None, rest);
         }
         if relayed {
             self.connect_targets(ctx);
         }
-        if !rest.is_empty() && self.ending.is_none() {
+        // Not once a mandatory target failed at once: the connection ends.
+        if !rest.is_empty() && self.phase.relays() {
             self.forward_to_targets(rest, ctx);
         }
     }
 
     fn header_failed(&mut self, why: String, ctx: &mut Context<'_>) {
-        self.header = None;
+        // Its event 1 is written here, not when it finishes.
+        self.phase = Phase::Open;
         log::debug!(
             "{}: bad proxy protocol header from {}: {why}",
             self.origin.ident,
             self.origin.peer
         );
-        ctx.journal.connected(self.origin, DEVICE, None);
-        let why: Reason = format!("{}: {why}", reason::BAD_PROXY_HEADER).into();
+        ctx.journal.connected(self.origin, Side::Device, None);
+        let why = Reason::BadProxyHeader(why.into());
         self.end(why.clone(), why, false);
     }
 }

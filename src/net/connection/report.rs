@@ -3,6 +3,8 @@
 use std::time::Instant;
 
 use super::Connection;
+use super::lifecycle::LinkState;
+use crate::net::side::TargetId;
 
 /// One device connection as `ctl list` shows it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -40,17 +42,14 @@ pub struct TargetReport {
 impl Connection {
     /// What the control socket shows of this connection.
     pub fn report(&self, now: Instant) -> ConnectionReport {
-        let targets = self
-            .targets
-            .iter()
-            .enumerate()
-            .filter_map(|(index, link)| link.as_ref().map(|link| (index, link)))
-            .map(|(index, link)| TargetReport {
-                target: index as u8 + 1,
-                state: match (link.connecting_since, link.endpoint.write_closed) {
-                    (Some(_), _) => "connecting",
-                    (None, false) => "connected",
-                    (None, true) => "draining",
+        let targets = TargetId::all()
+            .filter_map(|target| Some((target, self.targets[target.index()].as_ref()?)))
+            .map(|(target, link)| TargetReport {
+                target: target.number(),
+                state: match link.state {
+                    LinkState::Connecting { .. } => "connecting",
+                    LinkState::Open => "connected",
+                    LinkState::WriteClosed => "draining",
                 }
                 .to_string(),
                 queued: link.endpoint.queued(),

@@ -13,25 +13,41 @@ use std::sync::atomic::Ordering;
 use mio::Interest;
 use mio::net::TcpStream;
 
-use super::{Connection, Context, Link, Settings, TargetSpec, token};
-use crate::config::{MAX_TARGETS, SendProxyProtocol};
+use super::lifecycle::{LinkState, Phase};
+use super::{Connection, Context, Link, Settings, TargetSpec, token, warnings};
+use crate::config::SendProxyProtocol;
 use crate::net::proxy_header;
-use crate::net::reason::{self, Reason};
+use crate::net::reason::Reason;
+use crate::net::side::{Side, TargetId};
 use crate::net::socket::{Endpoint, ReadOutcome};
 use crate::store::journal::Closed;
 
 impl Connection {
-    pub(super) fn connect_target(&mut self, spec: &TargetSpec, ctx: &mut Context<'_>) {
-        let index = usize::from(spec.number - 1);
+    /// The device is known (its event 1 written): a connect to every
+    /// target at once. Once a mandatory target has failed at once, the
+    /// targets after it are not connected, but each still gets its event 2.
+    pub(super) fn connect_targets(&mut self, ctx: &mut Context<'_>) {
+        for spec in ctx.settings.targets.iter().flatten() {
+            match &self.phase {
+                Phase::Ending(ending) => {
+                    let why = ending.target_reason.clone();
+                    self.target_failed_early(spec, why, ctx);
+                }
+                _ => self.connect_target(spec, ctx),
+            }
+        }
+    }
+
+    fn connect_target(&mut self, spec: &TargetSpec, ctx: &mut Context<'_>) {
         if let Some(used) = &spec.used {
             used.store(true, Ordering::Relaxed);
         }
-        if ctx.addresses[index].is_empty() {
-            let why = format!("connect failed: cannot resolve {}", spec.label);
-            self.target_failed_early(spec, why.into(), ctx);
+        if ctx.addresses[spec.id.index()].is_empty() {
+            let why = Reason::Unresolved(spec.label.as_str().into());
+            self.target_failed_early(spec, why, ctx);
             return;
         }
-        match self.start_connect(index, 0, ctx) {
+        match self.start_connect(spec.id, 0, ctx) {
             Ok((stream, address)) => {
                 let mut endpoint = Endpoint::new(stream, false);
                 if spec.send_proxy != SendProxyProtocol::Off {
@@ -40,32 +56,32 @@ impl Connection {
                     // Queued (the socket is still connecting), so it cannot fail.
                     let _ = endpoint.send(&header);
                 }
-                self.targets[index] = Some(Link {
+                self.targets[spec.id.index()] = Some(Link {
                     endpoint,
                     address,
-                    connecting_since: Some(ctx.now),
+                    state: LinkState::Connecting { since: ctx.now },
                 });
             }
-            Err(e) => self.target_failed_early(spec, reason::connect_failed(&e), ctx),
+            Err(e) => self.target_failed_early(spec, Reason::connect_failed(&e), ctx),
         }
     }
 
-    /// Starts a non-blocking connect to target `index`, to the first of its
+    /// Starts a non-blocking connect to `target`, to the first of its
     /// addresses from `from` on that does not fail at once; returns the
     /// socket and which address it is, or the last error.
     fn start_connect(
         &self,
-        index: usize,
+        target: TargetId,
         from: usize,
         ctx: &Context<'_>,
     ) -> io::Result<(TcpStream, usize)> {
         let mut last_error = io::Error::from(io::ErrorKind::AddrNotAvailable);
-        for (n, address) in ctx.addresses[index].iter().enumerate().skip(from) {
+        for (n, address) in ctx.addresses[target.index()].iter().enumerate().skip(from) {
             let connected = TcpStream::connect(*address).and_then(|mut stream| {
                 stream.set_nodelay(true)?;
                 let interest = Interest::READABLE | Interest::WRITABLE;
-                ctx.registry
-                    .register(&mut stream, token(self.slot, index + 1), interest)?;
+                let token = token(self.slot, Side::Target(target));
+                ctx.registry.register(&mut stream, token, interest)?;
                 Ok(stream)
             });
             match connected {
@@ -78,20 +94,22 @@ impl Connection {
 
     /// A connect that failed moves on to the target's next address, with
     /// what is queued for it; false when there is none left.
-    fn try_next_address(&mut self, index: usize, ctx: &mut Context<'_>) -> bool {
-        let Some(from) = self.targets[index].as_ref().map(|link| link.address + 1) else {
+    fn try_next_address(&mut self, target: TargetId, ctx: &mut Context<'_>) -> bool {
+        let Some(from) = self.targets[target.index()]
+            .as_ref()
+            .map(|link| link.address + 1)
+        else {
             return false;
         };
-        let Ok((stream, address)) = self.start_connect(index, from, ctx) else {
+        let Ok((stream, address)) = self.start_connect(target, from, ctx) else {
             return false;
         };
-        let Some(link) = &mut self.targets[index] else {
+        let Some(link) = &mut self.targets[target.index()] else {
             return false;
         };
         log::debug!(
-            "{}: target {} moves on to address {address}",
-            self.origin.ident,
-            index + 1
+            "{}: target {target} moves on to address {address}",
+            self.origin.ident
         );
         // The old socket is closed right after; a failed deregister changes nothing.
         let _ = ctx.registry.deregister(&mut link.endpoint.stream);
@@ -107,28 +125,29 @@ impl Connection {
         why: Reason,
         ctx: &mut Context<'_>,
     ) {
-        log::debug!("{}: target {} {why}", self.origin.ident, spec.number);
+        warnings::target_dropped(self.origin, spec, &why, ctx.now);
         let closed = Closed {
             reason: &why,
             received: 0,
             sent: 0,
         };
+        let side = Side::Target(spec.id);
         ctx.journal
-            .dropped(self.origin, spec.number, Some(&spec.label), &closed);
-        ctx.counters.drop_of(usize::from(spec.number), &why);
+            .dropped(self.origin, side, Some(&spec.label), &closed);
+        ctx.counters.drop_of(side, &why);
         if spec.mandatory {
-            let whole = reason::mandatory_failed(spec.number);
+            let whole = Reason::MandatoryFailed(spec.id);
             self.end(whole.clone(), whole, false);
         }
     }
 
     pub(super) fn finish_connects(&mut self, ctx: &mut Context<'_>) -> bool {
         let mut moved = false;
-        for index in 0..MAX_TARGETS {
-            let Some(link) = &mut self.targets[index] else {
+        for target in TargetId::all() {
+            let Some(link) = &mut self.targets[target.index()] else {
                 continue;
             };
-            if link.connecting_since.is_none() || !link.endpoint.writable {
+            if !matches!(link.state, LinkState::Connecting { .. }) || !link.endpoint.writable {
                 continue;
             }
             let stream = &link.endpoint.stream;
@@ -138,18 +157,19 @@ impl Connection {
             };
             match outcome {
                 Ok(()) => {
-                    link.connecting_since = None;
-                    let spec = target_spec(ctx.settings, index);
+                    link.state = LinkState::Open;
+                    self.last_activity = ctx.now;
+                    let spec = target_spec(ctx.settings, target);
                     ctx.journal
-                        .connected(self.origin, spec.number, Some(&spec.label));
+                        .connected(self.origin, Side::Target(target), Some(&spec.label));
                     moved = true;
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotConnected => {
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => {
                     link.endpoint.writable = false;
                 }
                 Err(e) => {
-                    if !self.try_next_address(index, ctx) {
-                        self.target_failed(index, reason::connect_failed(&e), ctx);
+                    if !self.try_next_address(target, ctx) {
+                        self.target_failed(target, Reason::connect_failed(&e), ctx);
                     }
                     moved = true;
                 }
@@ -160,20 +180,22 @@ impl Connection {
 
     pub(super) fn flush_targets(&mut self, ctx: &mut Context<'_>) -> bool {
         let mut moved = false;
-        for index in 0..MAX_TARGETS {
-            let Some(link) = &mut self.targets[index] else {
+        for target in TargetId::all() {
+            let Some(link) = &mut self.targets[target.index()] else {
                 continue;
             };
-            if link.connecting_since.is_some() || link.endpoint.queued() == 0 {
+            if matches!(link.state, LinkState::Connecting { .. }) || link.endpoint.queued() == 0 {
                 continue;
             }
             match link.endpoint.flush() {
+                Ok(0) => {}
                 Ok(written) => {
-                    ctx.sent(index + 1, written);
-                    moved |= written > 0;
+                    ctx.sent(Side::Target(target), written);
+                    self.last_activity = ctx.now;
+                    moved = true;
                 }
                 Err(e) => {
-                    self.target_failed(index, reason::describe(&e), ctx);
+                    self.target_failed(target, Reason::io(&e), ctx);
                     moved = true;
                 }
             }
@@ -182,37 +204,34 @@ impl Connection {
     }
 
     pub(super) fn forward_to_targets(&mut self, packet: &[u8], ctx: &mut Context<'_>) {
-        for index in 0..MAX_TARGETS {
-            let Some(link) = &mut self.targets[index] else {
+        for target in TargetId::all() {
+            let Some(link) = &mut self.targets[target.index()] else {
                 continue;
             };
-            let spec = target_spec(ctx.settings, index);
+            let spec = target_spec(ctx.settings, target);
             if !spec.mandatory && link.endpoint.queued() + packet.len() > ctx.settings.target_buffer
             {
-                self.target_failed(index, reason::TARGET_BUFFER_OVERFLOW.into(), ctx);
+                self.target_failed(target, Reason::TargetBufferOverflow, ctx);
                 continue;
             }
             match link.endpoint.send(packet) {
-                Ok(written) => ctx.sent(index + 1, written),
-                Err(e) => self.target_failed(index, reason::describe(&e), ctx),
+                Ok(written) => ctx.sent(Side::Target(target), written),
+                Err(e) => self.target_failed(target, Reason::io(&e), ctx),
             }
         }
     }
 
     pub(super) fn read_targets(&mut self, ctx: &mut Context<'_>, buffer: &mut [u8]) -> bool {
         let mut moved = false;
-        for index in 0..MAX_TARGETS {
-            if self.ending.is_some() {
-                break;
-            }
+        for target in TargetId::all() {
             let device_behind = self.device.queued() > 0;
-            let Some(link) = &mut self.targets[index] else {
+            let Some(link) = &mut self.targets[target.index()] else {
                 continue;
             };
-            if link.connecting_since.is_some() || !link.endpoint.readable {
+            if matches!(link.state, LinkState::Connecting { .. }) || !link.endpoint.readable {
                 continue;
             }
-            let spec = target_spec(ctx.settings, index);
+            let spec = target_spec(ctx.settings, target);
             // Replies wait while the device has not taken the last ones.
             let limit = match spec.replies {
                 true if device_behind => continue,
@@ -221,7 +240,8 @@ impl Connection {
             };
             let outcome = link.endpoint.read(&mut buffer[..limit]);
             if let ReadOutcome::Data(n) = outcome {
-                ctx.received(index + 1, n);
+                ctx.received(Side::Target(target), n);
+                self.last_activity = ctx.now;
             }
             match outcome {
                 ReadOutcome::Data(n) if spec.replies => {
@@ -232,71 +252,88 @@ impl Connection {
                 ReadOutcome::WouldBlock => {}
                 ReadOutcome::Closed => {
                     moved = true;
-                    self.target_closed(index, ctx);
+                    self.target_closed(target, ctx);
                 }
                 ReadOutcome::Failed(e) => {
                     moved = true;
-                    self.target_failed(index, reason::describe(&e), ctx);
+                    self.target_failed(target, Reason::io(&e), ctx);
                 }
+            }
+            // A reply the device could not take, or a mandatory target's
+            // end, ends the connection: nothing more is read.
+            if !self.phase.relays() {
+                break;
             }
         }
         moved
     }
 
-    pub(super) fn relay_reply(&mut self, spec: &TargetSpec, packet: &[u8], ctx: &mut Context<'_>) {
-        self.last_activity = ctx.now;
+    fn relay_reply(&mut self, spec: &TargetSpec, packet: &[u8], ctx: &mut Context<'_>) {
+        let side = Side::Target(spec.id);
         ctx.journal
-            .data(self.origin, spec.number, Some(&spec.label), packet);
+            .data(self.origin, side, Some(&spec.label), packet);
         match self.device.send(packet) {
-            Ok(written) => ctx.sent(0, written),
-            Err(e) => self.end(reason::describe(&e), reason::DEVICE_FAILED.into(), false),
+            Ok(written) => ctx.sent(Side::Device, written),
+            Err(e) => self.end(Reason::io(&e), Reason::DeviceFailed, false),
         }
     }
 
     /// A target ended its stream. Once the device has ended its own, that
     /// is the normal end of the exchange; before, it is a failure for a
     /// mandatory target (whose replies are still delivered first).
-    pub(super) fn target_closed(&mut self, index: usize, ctx: &mut Context<'_>) {
-        self.drop_target(index, reason::CLOSED_BY_PEER.into(), ctx);
-        let spec = target_spec(ctx.settings, index);
-        if spec.mandatory && !self.device.read_closed {
-            let why = reason::mandatory_closed(spec.number);
+    fn target_closed(&mut self, target: TargetId, ctx: &mut Context<'_>) {
+        self.drop_target(target, &Reason::ClosedByPeer, ctx);
+        let spec = target_spec(ctx.settings, target);
+        if spec.mandatory && matches!(self.phase, Phase::Open) {
+            let why = Reason::MandatoryClosed(target);
             self.end(why.clone(), why, true);
         }
     }
 
-    pub(super) fn target_failed(&mut self, index: usize, why: Reason, ctx: &mut Context<'_>) {
-        let spec = target_spec(ctx.settings, index);
-        log::debug!("{}: target {} {why}", self.origin.ident, spec.number);
-        self.drop_target(index, why.clone(), ctx);
+    pub(super) fn target_failed(&mut self, target: TargetId, why: Reason, ctx: &mut Context<'_>) {
+        let spec = target_spec(ctx.settings, target);
+        warnings::target_dropped(self.origin, spec, &why, ctx.now);
+        self.drop_target(target, &why, ctx);
         if spec.mandatory {
-            let whole = reason::mandatory_failed(spec.number);
+            let whole = Reason::MandatoryFailed(target);
             self.end(whole.clone(), whole, false);
         }
     }
 
     /// Closes one target's socket and writes its event 2.
-    pub(super) fn drop_target(&mut self, index: usize, why: Reason, ctx: &mut Context<'_>) {
-        let Some(mut link) = self.targets[index].take() else {
+    pub(super) fn drop_target(&mut self, target: TargetId, why: &Reason, ctx: &mut Context<'_>) {
+        let Some(mut link) = self.targets[target.index()].take() else {
             return;
         };
         // The socket is closed right after; a failed deregister changes nothing.
         let _ = ctx.registry.deregister(&mut link.endpoint.stream);
-        let spec = target_spec(ctx.settings, index);
+        let spec = target_spec(ctx.settings, target);
         let closed = Closed {
-            reason: &why,
+            reason: why,
             received: link.endpoint.received,
             sent: link.endpoint.sent,
         };
+        let side = Side::Target(target);
         ctx.journal
-            .dropped(self.origin, spec.number, Some(&spec.label), &closed);
-        ctx.counters.drop_of(index + 1, &why);
+            .dropped(self.origin, side, Some(&spec.label), &closed);
+        ctx.counters.drop_of(side, why);
+    }
+
+    /// Each live target link with its spec.
+    pub(super) fn links<'a>(
+        &'a self,
+        settings: &'a Settings,
+    ) -> impl Iterator<Item = (&'a TargetSpec, &'a Link)> {
+        TargetId::all().filter_map(move |target| {
+            let link = self.targets[target.index()].as_ref()?;
+            Some((target_spec(settings, target), link))
+        })
     }
 }
 
 /// The spec of a target that has a link (targets only exist where configured).
-pub(super) fn target_spec(settings: &Settings, index: usize) -> &TargetSpec {
-    settings.targets[index]
-        .as_ref()
+fn target_spec(settings: &Settings, target: TargetId) -> &TargetSpec {
+    settings
+        .target(target)
         .expect("a connection only has links to configured targets")
 }

@@ -43,7 +43,7 @@ use slab::Slab;
 use crate::control::stats::{self, Counters, Refusal, UdpDrop};
 use crate::net::admission::Admission;
 use crate::net::connection::{ConnectionReport, Settings, TargetAddresses};
-use crate::net::reason;
+use crate::net::reason::Reason;
 use crate::store::journal::Journal;
 use crate::store::message::{Ident, IdentGenerator};
 
@@ -364,16 +364,16 @@ impl UdpSessions {
             .map(|(slot, _)| slot)
             .collect();
         for slot in expired {
-            self.sessions[slot].end(reason::IDLE_TIMEOUT.into(), reason::IDLE_TIMEOUT.into());
+            self.sessions[slot].end(Reason::IdleTimeout, Reason::IdleTimeout);
             self.finish(slot, journal, now);
         }
     }
 
     /// Ends every session (reason `why`): at shutdown.
-    pub fn close_all(&mut self, why: &'static str, journal: &mut Journal, now: Instant) {
+    pub fn close_all(&mut self, why: Reason, journal: &mut Journal, now: Instant) {
         let slots: Vec<usize> = self.sessions.iter().map(|(slot, _)| slot).collect();
         for slot in slots {
-            self.sessions[slot].end(why.into(), why.into());
+            self.sessions[slot].end(why.clone(), why.clone());
             self.finish(slot, journal, now);
         }
     }
@@ -389,8 +389,8 @@ impl UdpSessions {
             return false;
         };
         log::info!("[worker {}] {ident}: closed by operator", self.worker);
-        let why = reason::CLOSED_BY_OPERATOR;
-        self.sessions[slot].end(why.into(), why.into());
+        let why = Reason::ClosedByOperator;
+        self.sessions[slot].end(why.clone(), why);
         self.finish(slot, journal, now);
         true
     }

@@ -27,9 +27,10 @@ use crate::net::admission::Permit;
 use crate::net::connection::{
     ConnectionReport, Settings, TargetAddresses, TargetReport, TargetSpec,
 };
-use crate::net::reason::{self, Reason};
+use crate::net::reason::Reason;
+use crate::net::side::Side;
 use crate::store::journal::{Closed, Journal};
-use crate::store::message::{DEVICE, Origin, UDP};
+use crate::store::message::{Origin, UDP};
 
 /// Datagrams a session may send at most in a burst, and refilled at one
 /// per millisecond (1,000 a second). A tracker sends one every few
@@ -181,7 +182,7 @@ impl Session {
             _permit: opening.permit,
         };
         ctx.journal
-            .connected_via(session.origin, DEVICE, None, Some(UDP));
+            .connected_via(session.origin, Side::Device, None, Some(UDP));
         stats::add(&ctx.counters.udp_opened, 1);
         for spec in ctx.settings.targets.iter().flatten() {
             session.open_target(spec, slot, token_of, addresses, ctx);
@@ -197,7 +198,7 @@ impl Session {
         addresses: &TargetAddresses,
         ctx: &mut Ctx<'_>,
     ) {
-        let index = usize::from(spec.number - 1);
+        let index = spec.id.index();
         if let Some(used) = &spec.used {
             used.store(true, Ordering::Relaxed);
         }
@@ -207,8 +208,8 @@ impl Session {
             return self.target_failed_early(spec, why, ctx);
         }
         let Some(&address) = addresses[index].first() else {
-            let why = format!("connect failed: cannot resolve {}", spec.label);
-            return self.target_failed_early(spec, why.into(), ctx);
+            let why = Reason::Unresolved(spec.label.as_str().into());
+            return self.target_failed_early(spec, why, ctx);
         };
         match open_socket(address, ctx.registry, token_of(slot, index)) {
             Ok(socket) => {
@@ -219,16 +220,20 @@ impl Session {
                     ready: false,
                     queued: false,
                 });
-                ctx.journal
-                    .connected_via(self.origin, spec.number, Some(&spec.label), Some(UDP));
+                ctx.journal.connected_via(
+                    self.origin,
+                    Side::Target(spec.id),
+                    Some(&spec.label),
+                    Some(UDP),
+                );
             }
-            Err(e) => self.target_failed_early(spec, reason::connect_failed(&e), ctx),
+            Err(e) => self.target_failed_early(spec, Reason::connect_failed(&e), ctx),
         }
     }
 
     /// A target that never had a socket: event 2 only.
     fn target_failed_early(&mut self, spec: &TargetSpec, why: Reason, ctx: &mut Ctx<'_>) {
-        debug!("{}: UDP target {} {why}", self.origin.ident, spec.number);
+        debug!("{}: UDP target {} {why}", self.origin.ident, spec.id);
         let closed = Closed {
             reason: &why,
             received: 0,
@@ -236,14 +241,14 @@ impl Session {
         };
         ctx.journal.dropped_via(
             self.origin,
-            spec.number,
+            Side::Target(spec.id),
             Some(&spec.label),
             &closed,
             Some(UDP),
         );
-        ctx.counters.drop_of(usize::from(spec.number), &why);
+        ctx.counters.drop_of(Side::Target(spec.id), &why);
         if spec.mandatory {
-            let whole = reason::mandatory_failed(spec.number);
+            let whole = Reason::MandatoryFailed(spec.id);
             self.end(whole.clone(), whole);
         }
     }
@@ -258,7 +263,7 @@ impl Session {
         stats::add(&ctx.counters.packets[0], 1);
         self.detect(payload, ctx.now);
         ctx.journal
-            .data_via(self.origin, DEVICE, None, payload, Some(UDP));
+            .data_via(self.origin, Side::Device, None, payload, Some(UDP));
         if self.ending.is_some() {
             return;
         }
@@ -271,9 +276,7 @@ impl Session {
                     target.sent += n as u64;
                     stats::add(&ctx.counters.bytes_sent[index + 1], n as u64);
                 }
-                Err(e) if is_unreachable(&e) => {
-                    self.target_failed(index, reason::describe(&e), ctx)
-                }
+                Err(e) if is_unreachable(&e) => self.target_failed(index, Reason::io(&e), ctx),
                 Err(e) => {
                     debug!(
                         "{}: a datagram for UDP target {} was dropped: {e}",
@@ -350,7 +353,7 @@ impl Session {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    self.target_failed(index, reason::describe(&e), ctx);
+                    self.target_failed(index, Reason::io(&e), ctx);
                     return Drained::Empty;
                 }
             };
@@ -363,7 +366,7 @@ impl Session {
                 let reply = &buffer[..n];
                 ctx.journal.data_via(
                     self.origin,
-                    spec.number,
+                    Side::Target(spec.id),
                     Some(&spec.label),
                     reply,
                     Some(UDP),
@@ -398,15 +401,15 @@ impl Session {
     /// session.
     fn target_failed(&mut self, index: usize, why: Reason, ctx: &mut Ctx<'_>) {
         let spec = target_spec(ctx.settings, index);
-        debug!("{}: UDP target {} {why}", self.origin.ident, spec.number);
+        debug!("{}: UDP target {} {why}", self.origin.ident, spec.id);
         self.drop_target(index, &why, ctx);
         if spec.mandatory {
-            let whole = reason::mandatory_failed(spec.number);
+            let whole = Reason::MandatoryFailed(spec.id);
             self.end(whole.clone(), whole);
         }
     }
 
-    fn drop_target(&mut self, index: usize, why: &str, ctx: &mut Ctx<'_>) {
+    fn drop_target(&mut self, index: usize, why: &Reason, ctx: &mut Ctx<'_>) {
         let Some(mut target) = self.targets[index].take() else {
             return;
         };
@@ -420,12 +423,12 @@ impl Session {
         };
         ctx.journal.dropped_via(
             self.origin,
-            spec.number,
+            Side::Target(spec.id),
             Some(&spec.label),
             &closed,
             Some(UDP),
         );
-        ctx.counters.drop_of(index + 1, why);
+        ctx.counters.drop_of(Side::Target(spec.id), why);
     }
 
     /// Decides the session ends; the first reason given is kept.
@@ -450,9 +453,9 @@ impl Session {
     /// Closes every target socket and writes the events 2, the device's
     /// last. Call once the session is ending.
     pub fn finish(mut self, ctx: &mut Ctx<'_>) {
-        let ending = self.ending.take().unwrap_or_else(|| Ending {
-            reason: reason::SHUTDOWN.into(),
-            target_reason: reason::SHUTDOWN.into(),
+        let ending = self.ending.take().unwrap_or(Ending {
+            reason: Reason::Shutdown,
+            target_reason: Reason::Shutdown,
         });
         for index in 0..MAX_TARGETS {
             self.drop_target(index, &ending.target_reason, ctx);
@@ -463,8 +466,8 @@ impl Session {
             sent: self.sent,
         };
         ctx.journal
-            .dropped_via(self.origin, DEVICE, None, &closed, Some(UDP));
-        ctx.counters.drop_of(0, &ending.reason);
+            .dropped_via(self.origin, Side::Device, None, &closed, Some(UDP));
+        ctx.counters.drop_of(Side::Device, &ending.reason);
         stats::add(&ctx.counters.udp_closed, 1);
     }
 
