@@ -182,12 +182,6 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     let (acceptor, acceptor_thread) = Acceptor::spawn(AcceptorSetup {
         listeners,
         workers: handles.clone(),
-        journal: Journal::new(
-            store_sender.clone(),
-            pool.clone(),
-            journal_settings,
-            Arc::clone(&registry.acceptor),
-        ),
         admission,
         counters: Arc::clone(&registry.acceptor),
         idents,

@@ -242,6 +242,9 @@ impl Dev {
             Mode::Echo | Mode::Tracker => {
                 if !self.awaiting {
                     if self.pending == 0 {
+                        if self.seq >= allowed {
+                            return Ok(false);
+                        }
                         self.next_packet();
                     }
                     self.awaiting = self.write_pending()?;

@@ -504,6 +504,8 @@ fn echo(kind: Kind, setup: &Setup, timing: Timing, conns: usize) -> Result<Vec<M
     Ok(metrics)
 }
 
+/// The quiet device's round trips a second: a chatty tracker.
+const QUIET_RATE: f64 = 20.0;
 /// How long a slowed writer's every write takes.
 const SLOW_WRITE_US: u32 = 200_000;
 
@@ -520,11 +522,12 @@ fn fairness(setup: &Setup, timing: Timing, workers: usize) -> Result<Vec<Metric>
     )?;
     let slowed = SlowWriter::attach(&proxy)?;
     let flood = Devices::start_numbered(Mode::Flood, proxy.listen, 1, None, 1)?;
-    let quiet = Devices::start_numbered(Mode::Echo, proxy.listen, 1, None, 2)?;
+    let quiet = Devices::start_numbered(Mode::Echo, proxy.listen, 1, Some(QUIET_RATE), 2)?;
     std::thread::sleep(timing.warmup);
     quiet.shared.measuring.store(true, Relaxed);
     let requests_before = quiet.shared.requests.load(Relaxed);
-    std::thread::sleep(timing.measure.max(Duration::from_secs(3)));
+    let window = timing.measure.max(Duration::from_secs(5));
+    std::thread::sleep(window);
     let requests = quiet.shared.requests.load(Relaxed) - requests_before;
     quiet.shared.measuring.store(false, Relaxed);
     drop(slowed);
@@ -542,10 +545,7 @@ fn fairness(setup: &Setup, timing: Timing, workers: usize) -> Result<Vec<Metric>
     if requests == 0 {
         return Err("the quiet device completed no request while the writer was slow".into());
     }
-    let mut metrics = vec![(
-        "quiet_req_per_s",
-        requests as f64 / timing.measure.as_secs_f64(),
-    )];
+    let mut metrics = vec![("quiet_req_per_s", requests as f64 / window.as_secs_f64())];
     metrics.extend(quantiles(
         &quiet.latency,
         &[("quiet_p50_us", 0.5), ("quiet_p99_us", 0.99)],
@@ -560,7 +560,16 @@ struct SlowWriter(std::process::Child);
 impl SlowWriter {
     fn attach(proxy: &Running) -> Result<SlowWriter, String> {
         let pid = proxy.pid().ok_or("no proxy process")?;
-        let writer = writer_thread(pid)?;
+        // A thread names itself once it runs: look again for a moment.
+        let mut found = writer_thread(pid);
+        for _ in 0..30 {
+            if found.is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            found = writer_thread(pid);
+        }
+        let writer = found?;
         let delay = format!("inject=write,writev,pwrite64,pwritev:delay_enter={SLOW_WRITE_US}");
         let child = std::process::Command::new("strace")
             .args(["-qq", "-o", "/dev/null", "-p", &writer.to_string()])
@@ -596,7 +605,15 @@ fn writer_thread(pid: u32) -> Result<u32, String> {
                 .map_err(|e| format!("{e}"));
         }
     }
-    Err(format!("no thread named writer in process {pid}"))
+    let names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|task| std::fs::read_to_string(task.path().join("comm")).unwrap_or_default())
+        .collect();
+    Err(format!(
+        "no thread named writer in process {pid}: {names:?}"
+    ))
 }
 
 /// Connecting all trackers takes well under a second when all is well.

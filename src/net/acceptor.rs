@@ -23,7 +23,6 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::control::stats::{self, Counters, Refusal};
 use crate::net::admission::Admission;
 use crate::net::worker::{Command, WorkerHandle};
-use crate::store::journal::Journal;
 use crate::store::message::{IdentGenerator, Origin};
 
 const WAKER: Token = Token(usize::MAX);
@@ -55,7 +54,6 @@ pub struct Acceptor {
     to_wake: Vec<bool>,
     next_worker: usize,
     idents: IdentGenerator,
-    journal: Journal,
     admission: Arc<Admission>,
     counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
@@ -92,7 +90,6 @@ impl RefusalLog {
 pub struct AcceptorSetup {
     pub listeners: Vec<TcpListener>,
     pub workers: Vec<WorkerHandle>,
-    pub journal: Journal,
     pub admission: Arc<Admission>,
     pub counters: Arc<Counters>,
     /// Shared with the workers' UDP sessions: no ident is given twice.
@@ -116,7 +113,6 @@ impl Acceptor {
             workers: setup.workers,
             next_worker: 0,
             idents: setup.idents,
-            journal: setup.journal,
             admission: setup.admission,
             counters: setup.counters,
             stop: Arc::clone(&stop),
@@ -162,7 +158,6 @@ impl Acceptor {
                 }
             }
             self.wake_workers();
-            self.journal.flush();
         }
     }
 

@@ -31,6 +31,7 @@ use crate::control::stats::{self, Counters};
 use crate::net::reason::Reason;
 use crate::net::side::{SIDES, Side, TargetId};
 use crate::net::socket::Endpoint;
+use crate::store::journal::Recorded;
 use crate::store::journal::{Closed, Journal};
 use crate::store::message::Origin;
 
@@ -223,6 +224,12 @@ pub struct Connection {
     looked_at: Instant,
     /// On the worker's list of connections to drive.
     pub scheduled: bool,
+    /// Its share of the journal's unwritten lines (fairness while the
+    /// writer is behind).
+    recorded: Recorded,
+    /// Not read because the writer is behind: the worker drives it again
+    /// once the writer has caught up (nothing else would wake it).
+    pub held_back: bool,
 }
 
 impl Connection {
@@ -256,6 +263,8 @@ impl Connection {
             last_activity: ctx.now,
             looked_at: ctx.now,
             scheduled: false,
+            recorded: Recorded::default(),
+            held_back: false,
         };
         if let Err(e) = registered {
             // Its end is logged, as an error, when it finishes.

@@ -107,6 +107,10 @@ pub struct Worker {
     addresses: TargetAddresses,
     /// Each connection's place under the connection limits, by slot.
     permits: Vec<Option<Permit>>,
+    /// Connections not read while the writer is behind, to drive again
+    /// when the journal's epoch moves on.
+    held_back: Vec<usize>,
+    held_back_epoch: u64,
     counters: Arc<Counters>,
     tick: Duration,
     /// UDP: this worker's listening sockets and sessions (net::udp).
@@ -158,6 +162,8 @@ impl Worker {
             buffer: vec![0; READ_BUFFER],
             addresses: setup.addresses,
             permits: Vec::new(),
+            held_back: Vec::new(),
+            held_back_epoch: 0,
             counters: setup.counters,
             tick,
             udp,
@@ -174,7 +180,14 @@ impl Worker {
         loop {
             // UDP: hook 2, sockets with datagrams left mean no waiting.
             let timeout = match self.scheduled.is_empty() && !self.udp.has_work() {
-                true => next_tick.saturating_duration_since(Instant::now()),
+                true => {
+                    let now = Instant::now();
+                    let wake = self
+                        .journal
+                        .next_deadline(now)
+                        .map_or(next_tick, |due| due.min(next_tick));
+                    wake.saturating_duration_since(now)
+                }
                 false => Duration::ZERO,
             };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
@@ -220,7 +233,8 @@ impl Worker {
                 self.udp.check_timers(&mut self.journal, now);
                 next_tick = now + self.tick;
             }
-            self.journal.flush();
+            self.journal.settle(Instant::now());
+            self.release_held_back();
         }
     }
 
@@ -325,7 +339,11 @@ impl Worker {
                 continue;
             };
             connection.scheduled = false;
-            match connection.drive(&mut ctx, &mut self.buffer) {
+            let drive = connection.drive(&mut ctx, &mut self.buffer);
+            if std::mem::take(&mut connection.held_back) {
+                self.held_back.push(slot);
+            }
+            match drive {
                 Drive::Idle => {}
                 Drive::Busy => schedule(&mut self.scheduled, connection, slot),
                 Drive::Finished => {
@@ -341,6 +359,20 @@ impl Worker {
         slots.clear();
         if self.scheduled.is_empty() {
             self.scheduled = slots;
+        }
+    }
+
+    /// Drives again the connections held back for the writer, once it has
+    /// caught up with what this worker handed it (their shares start again).
+    fn release_held_back(&mut self) {
+        if self.held_back.is_empty() || self.journal.epoch() == self.held_back_epoch {
+            return;
+        }
+        self.held_back_epoch = self.journal.epoch();
+        for slot in std::mem::take(&mut self.held_back) {
+            if let Some(connection) = self.connections.get_mut(slot) {
+                schedule(&mut self.scheduled, connection, slot);
+            }
         }
     }
 

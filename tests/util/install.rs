@@ -32,6 +32,22 @@ pub fn haproxy_binary() -> PathBuf {
         .clone()
 }
 
+/// Makes sure `strace` is there; installs it with apt-get if the run is
+/// privileged, else the test fails saying what to install.
+pub fn ensure_strace() {
+    static READY: OnceLock<()> = OnceLock::new();
+    READY.get_or_init(|| {
+        if find_program("strace").is_none() && is_privileged() {
+            apt_install("strace");
+        }
+        assert!(
+            find_program("strace").is_some(),
+            "strace is not installed: the fairness tests slow the writer with it \
+             (Debian/Ubuntu: apt-get install strace)"
+        );
+    });
+}
+
 /// Makes sure python3 can import prometheus_client; installs it (pip, else
 /// apt-get) if the run is privileged, else the test fails saying what to
 /// install.

@@ -37,6 +37,9 @@ pub enum Need {
     /// python3 able to import `prometheus_client` (installed when
     /// privileged).
     PrometheusClient,
+    /// Root and `strace` (installed with apt-get when privileged), to slow
+    /// one thread of the daemon down with its fault injection.
+    Strace,
 }
 
 /// Whether the calling test may go on: true if `need` is met (or, when
@@ -81,6 +84,10 @@ fn provide(need: Need, why: &str) {
         // Installed when missing; fails, saying what to install, if not.
         Need::Haproxy => drop(haproxy_binary()),
         Need::PrometheusClient => super::ensure_prometheus_client(),
+        Need::Strace => {
+            super::ensure_strace();
+            provide(Need::Root, why);
+        }
         Need::Root | Need::ThrottledLoopDevice => {
             if let Some(missing) = missing(need) {
                 panic!(
@@ -125,6 +132,12 @@ fn missing(need: Need) -> Option<Missing> {
             "needs python3 with prometheus-client",
             "pip install prometheus-client, or apt-get install python3-prometheus-client",
         ),
+        Need::Strace if !is_root() => {
+            Missing::new("needs root (strace attaches to the daemon)", "")
+        }
+        Need::Strace if find_program("strace").is_none() => {
+            Missing::new("needs strace", "apt-get install strace")
+        }
         _ => None,
     }
 }

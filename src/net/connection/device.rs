@@ -19,10 +19,17 @@ impl Connection {
         if limit == 0 {
             return false;
         }
+        // While the writer is behind, at most what is left of its share.
+        let limit = limit.min(ctx.journal.read_allowance(&self.recorded));
+        if limit == 0 {
+            self.held_back = true;
+            return false;
+        }
         match self.device.read(&mut buffer[..limit]) {
             ReadOutcome::Data(n) => {
                 self.last_activity = ctx.now;
                 ctx.received(Side::Device, n);
+                ctx.journal.charge_packet(&mut self.recorded, n);
                 let packet = &buffer[..n];
                 ctx.journal.data(self.origin, Side::Device, None, packet);
                 self.forward_to_targets(packet, ctx);

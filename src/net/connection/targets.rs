@@ -238,10 +238,18 @@ impl Connection {
                 true => ctx.settings.max_read.min(buffer.len()),
                 false => buffer.len(),
             };
+            // Recorded replies wait while the writer is behind too.
+            if spec.replies && !ctx.journal.may_read(&self.recorded) {
+                self.held_back = true;
+                continue;
+            }
             let outcome = link.endpoint.read(&mut buffer[..limit]);
             if let ReadOutcome::Data(n) = outcome {
                 ctx.received(Side::Target(target), n);
                 self.last_activity = ctx.now;
+                if spec.replies {
+                    ctx.journal.charge_packet(&mut self.recorded, n);
+                }
             }
             match outcome {
                 ReadOutcome::Data(n) if spec.replies => {
