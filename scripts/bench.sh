@@ -19,8 +19,9 @@
 #   --only     a subset of cases, e.g. --only echo-50c,trackers
 #              (the list: target/release/loadgen cases)
 #   --out      results file (default target/bench/results.jsonl)
-# The full run takes about 9 minutes on 2 cores. Exit status 1 if any run
-# failed.
+# The catch-up cases (catchup-live-*) stream 1 GiB into message files in
+# /dev/shm (about 2.3 GB there while they run). The full run takes about 12
+# minutes on 2 cores. Exit status 1 if any run failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

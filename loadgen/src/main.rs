@@ -10,11 +10,13 @@
 //! Modules: [`wire`] (what is sent and how it is checked), [`target`] (the
 //! checking target servers), [`device`] and [`trackers`] (the clients),
 //! [`udp`] (UDP trackers and their target), [`proxy`] (starting and measuring the proxy), [`store`] (reading back
-//! proxy-channel's message files), [`scenario`] (the cases) and [`report`].
+//! proxy-channel's message files), [`scenario`] (the cases; [`catchup`]
+//! runs the catch-up ones) and [`report`].
 //! Everything runs on loopback, on std threads and mio, each load bounded
 //! in time.
 
 mod capacity;
+mod catchup;
 mod device;
 mod proxy;
 mod report;

@@ -100,6 +100,7 @@ const HA_1C: (&str, &str) = ("stream-1t-1c", "goodput_mbs");
 const HA_8C: (&str, &str) = ("stream-1t-8c", "goodput_mbs");
 const HA_1C_CPU: (&str, &str) = ("stream-1t-1c", "cpu_s_per_gib");
 const HA_8C_CPU: (&str, &str) = ("stream-1t-8c", "cpu_s_per_gib");
+const CATCHUP_BASE_P99: (&str, &str) = ("catchup-live-base", "p99_us");
 
 /// The table, top to bottom. Goals are issue 4's.
 #[rustfmt::skip]
@@ -166,6 +167,15 @@ const ROWS: &[Row] = &[
     udp("udp trackers: PSS KiB/session, sending", "pss_kib_per_conn", Goal::None),
     udp("udp trackers: proxy CPU s, sending", "cpu_s", Goal::None),
     udp("udp trackers: proxy CPU us/datagram", "cpu_us_per_packet", Goal::None),
+    own("catch-up 1 GiB vs none (pc): p50 us", "catchup-live-backlog", "p50_us", ("catchup-live-base", "p50_us"), Goal::None),
+    own("catch-up 1 GiB vs none (pc): p99 us", "catchup-live-backlog", "p99_us", CATCHUP_BASE_P99, Goal::None),
+    own("catch-up 1 GiB vs none (pc): p99 us, backlog left", "catchup-live-backlog", "catchup_p99_us", CATCHUP_BASE_P99, Goal::None),
+    own("catch-up 1 GiB vs none (pc): p999 us", "catchup-live-backlog", "p999_us", ("catchup-live-base", "p999_us"), Goal::None),
+    own("catch-up 1 GiB vs none (pc): proxy CPU s", "catchup-live-backlog", "cpu_s", ("catchup-live-base", "cpu_s"), Goal::None),
+    row("catch-up 1 GiB: MB/s delivered while sending", "catchup-live-backlog", "catchup_mbs", Goal::None),
+    row("catch-up 1 GiB: share of window, backlog left", "catchup-live-backlog", "catchup_window_share", Goal::None),
+    row("catch-up 1 GiB: s from target up to all sent", "catchup-live-backlog", "catchup_s", Goal::None),
+    row("catch-up 1 GiB: all sent in window (1 = yes)", "catchup-live-backlog", "catchup_done", Goal::None),
     row("startup: ms to \"listening on\" log", "startup", "listening_ms", Goal::None),
     row("startup: ms to accept", "startup", "startup_ms", Goal::None),
     row("startup: ms to first byte forwarded", "startup", "first_byte_ms", Goal::None),
@@ -252,6 +262,9 @@ pub fn print(text: &str) -> Result<bool, String> {
     );
     println!(
         "\"store on/off (pc)\" rows: the haproxy column holds proxy-channel's own figure with the store off"
+    );
+    println!(
+        "\"catch-up vs none (pc)\" rows: the haproxy column holds proxy-channel's own figure in catchup-live-base (same run, no backlog); \"backlog left\": packets sent before all of it was delivered"
     );
     println!(
         "haproxy column of \"udp trackers\" rows: nginx's stream module (one process), since haproxy has no UDP"

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 
 use crate::capacity;
+use crate::catchup;
 use crate::device::Devices;
 use crate::proxy::{self, Kind, Running, Setup, Store};
 use crate::store;
@@ -62,6 +63,14 @@ pub enum What {
     },
     /// The same over UDP: one 116-byte datagram per second each.
     UdpTrackers { devices: usize, secs: u32 },
+    /// Trackers as above, store in memory, with a second target that has
+    /// catch-up on; with `backlog`, catch-up delivers about 1 GiB that
+    /// target missed meanwhile ([`crate::catchup`]).
+    CatchUpLive {
+        devices: usize,
+        secs: u32,
+        backlog: bool,
+    },
 }
 
 pub struct Case {
@@ -108,6 +117,8 @@ pub const CASES: &[Case] = &[
     Case { name: "fairness-2w", proxies: PC, what: What::Fairness { workers: 2 } },
     Case { name: "trackers-store", proxies: PC, what: What::Trackers { devices: 9000, secs: 20, store: Store::Memory } },
     Case { name: "udp-trackers", proxies: UDP, what: What::UdpTrackers { devices: 9000, secs: 20 } },
+    Case { name: "catchup-live-base", proxies: PC, what: What::CatchUpLive { devices: 6000, secs: 10, backlog: false } },
+    Case { name: "catchup-live-backlog", proxies: PC, what: What::CatchUpLive { devices: 6000, secs: 10, backlog: true } },
 ];
 
 pub fn find(name: &str) -> Option<&'static Case> {
@@ -174,6 +185,14 @@ pub fn run(case: &Case, kind: Kind, setup: &Setup, timing: Timing) -> Result<Vec
             let (devices, secs) = timing.trackers.unwrap_or((devices, secs));
             udp_trackers(kind, setup, devices, secs)
         }
+        What::CatchUpLive {
+            devices,
+            secs,
+            backlog,
+        } => {
+            let (devices, secs) = timing.trackers.unwrap_or((devices, secs));
+            catchup::live(setup, devices, secs, backlog)
+        }
     }
 }
 
@@ -184,7 +203,10 @@ fn start_targets(count: usize) -> Result<Vec<Target>, String> {
 }
 
 /// Stops the targets and checks that each got exactly what was sent.
-fn finish_targets(targets: Vec<Target>, sent: &HashMap<u64, u64>) -> Result<Vec<Outcome>, String> {
+pub(crate) fn finish_targets(
+    targets: Vec<Target>,
+    sent: &HashMap<u64, u64>,
+) -> Result<Vec<Outcome>, String> {
     let outcomes: Vec<Outcome> = targets.into_iter().map(Target::finish).collect();
     for (index, outcome) in outcomes.iter().enumerate() {
         let target = index + 1;
@@ -224,7 +246,7 @@ fn finish_targets(targets: Vec<Target>, sent: &HashMap<u64, u64>) -> Result<Vec<
 
 /// A device-side failure often has its cause at a target, which closes a
 /// connection on the first wrong byte: name the targets' failures first.
-fn with_targets(error: String, targets: Vec<Target>) -> String {
+pub(crate) fn with_targets(error: String, targets: Vec<Target>) -> String {
     let causes: Vec<String> = targets
         .into_iter()
         .enumerate()
@@ -241,10 +263,10 @@ fn with_targets(error: String, targets: Vec<Target>) -> String {
 }
 
 /// Counters at one moment.
-struct Snapshot {
+pub(crate) struct Snapshot {
     at: Instant,
     /// The proxy's CPU-seconds.
-    cpu: f64,
+    pub(crate) cpu: f64,
     /// CPU-seconds of everything but the proxy and loadgen: other
     /// processes and kernel threads, the noise on a shared machine.
     others: f64,
@@ -252,7 +274,7 @@ struct Snapshot {
 }
 
 impl Snapshot {
-    fn take(proxy: &mut Running, targets: &[Target]) -> Result<Snapshot, String> {
+    pub(crate) fn take(proxy: &mut Running, targets: &[Target]) -> Result<Snapshot, String> {
         proxy.check_alive()?;
         let cpu = proxy.cpu_seconds();
         let own = proxy::cpu_seconds(std::process::id()).unwrap_or(0.0);
@@ -268,12 +290,12 @@ impl Snapshot {
     }
 
     /// Seconds from `self` to `later`.
-    fn secs(&self, later: &Snapshot) -> f64 {
+    pub(crate) fn secs(&self, later: &Snapshot) -> f64 {
         later.at.duration_since(self.at).as_secs_f64()
     }
 
     /// Cores busy outside the proxy and loadgen from `self` to `later`.
-    fn others(&self, later: &Snapshot) -> Metric {
+    pub(crate) fn others(&self, later: &Snapshot) -> Metric {
         (
             "other_cores",
             (later.others - self.others) / self.secs(later),
@@ -281,7 +303,7 @@ impl Snapshot {
     }
 }
 
-const MB: f64 = 1e6;
+pub(crate) const MB: f64 = 1e6;
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
 fn startup(kind: Kind, setup: &Setup) -> Result<Vec<Metric>, String> {
@@ -617,7 +639,7 @@ fn writer_thread(pid: u32) -> Result<u32, String> {
 }
 
 /// Connecting all trackers takes well under a second when all is well.
-const CONNECT_DEADLINE: Duration = Duration::from_secs(60);
+pub(crate) const CONNECT_DEADLINE: Duration = Duration::from_secs(60);
 
 fn trackers(
     kind: Kind,
@@ -744,7 +766,7 @@ fn udp_trackers(kind: Kind, setup: &Setup, count: usize, secs: u32) -> Result<Ve
     Ok(metrics)
 }
 
-fn quantiles(histogram: &Histogram<u64>, wanted: &[(&'static str, f64)]) -> Vec<Metric> {
+pub(crate) fn quantiles(histogram: &Histogram<u64>, wanted: &[(&'static str, f64)]) -> Vec<Metric> {
     wanted
         .iter()
         .map(|&(name, q)| (name, histogram.value_at_quantile(q) as f64 / 1e3))

@@ -8,12 +8,16 @@
 //! any echo), which lets the proxy close the device. Live counters sit in
 //! [`Shared`]; the per-connection results come back from [`Target::finish`].
 //! A connection that closes without sending a byte is a readiness probe and
-//! is ignored.
+//! is ignored. A target can also start as a [`ClosedPort`]: its port is
+//! bound but refuses connections until [`ClosedPort::listen`] (a target
+//! that is down, then back), and can serve at a low CPU priority (a target
+//! that stands for another machine: here it shares the cores with the
+//! proxy under test).
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener as StdListener};
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::thread::JoinHandle;
@@ -42,6 +46,15 @@ pub struct Shared {
     pub finished: AtomicUsize,
     /// Failures so far (wrong bytes, errors): waiting on more is pointless.
     pub failed: AtomicUsize,
+    /// Bytes after the header of [`Mode::Stream`] connections.
+    pub stream_bytes: AtomicU64,
+    /// When the first of those bytes came, in [`wire::now_ns`] time (0:
+    /// not yet).
+    pub first_stream_byte_ns: AtomicU64,
+    /// Stream connections closed cleanly (counted in `finished` too).
+    pub streams_finished: AtomicUsize,
+    /// When the last of them closed, in [`wire::now_ns`] time.
+    pub last_stream_finished_ns: AtomicU64,
     stop: AtomicBool,
 }
 
@@ -61,6 +74,9 @@ pub struct Outcome {
     pub failures: Vec<String>,
     /// Tracker packets' latency, nanoseconds.
     pub latency: Histogram<u64>,
+    /// The same, each with its send time ([`wire::now_ns`]), in order of
+    /// arrival: the latency of any stretch of a run.
+    pub tracked: Vec<(u64, u64)>,
 }
 
 pub struct Target {
@@ -72,13 +88,20 @@ pub struct Target {
 impl Target {
     /// Listens on a free loopback port and serves on a new thread.
     pub fn start() -> io::Result<Target> {
-        let listener = listen_loopback(4096)?;
+        ClosedPort::bind()?.listen(Priority::Normal)
+    }
+
+    /// Serves on `listener` (listening already) on a new thread.
+    fn serve(listener: StdListener, priority: Priority) -> io::Result<Target> {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::default());
         let mut server = Server::new(TcpListener::from_std(listener), shared.clone())?;
         let thread = std::thread::Builder::new()
             .name("target".into())
-            .spawn(move || server.run())?;
+            .spawn(move || {
+                priority.apply();
+                server.run()
+            })?;
         Ok(Target {
             addr,
             shared,
@@ -93,9 +116,61 @@ impl Target {
     }
 }
 
-/// A loopback listener with a deep backlog (std and mio use 128, too few
-/// for thousands of trackers connecting at once).
-fn listen_loopback(backlog: i32) -> io::Result<StdListener> {
+/// A free loopback port, bound so that nobody else takes it, but not
+/// listening: a connect to it is refused, as to a target that is down.
+pub struct ClosedPort {
+    socket: StdListener,
+    pub addr: SocketAddr,
+}
+
+impl ClosedPort {
+    pub fn bind() -> io::Result<ClosedPort> {
+        let socket = bind_loopback()?;
+        let addr = socket.local_addr()?;
+        Ok(ClosedPort { socket, addr })
+    }
+
+    /// Starts listening (with a deep backlog: std and mio use 128, too few
+    /// for thousands of trackers connecting at once) and serving.
+    pub fn listen(self, priority: Priority) -> io::Result<Target> {
+        // SAFETY: listen on a bound socket we own.
+        if unsafe { libc::listen(self.socket.as_raw_fd(), 4096) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Target::serve(self.socket, priority)
+    }
+}
+
+/// The CPU priority of a target's thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priority {
+    Normal,
+    /// nice 19: it gets the CPU the proxy and the other threads leave.
+    Low,
+}
+
+impl Priority {
+    /// Sets the calling thread's priority.
+    fn apply(self) {
+        if self == Priority::Low {
+            // SAFETY: gettid and setpriority on the calling thread only
+            // change its scheduling priority; failing leaves it at nice 0.
+            let rc = unsafe {
+                let thread = libc::syscall(libc::SYS_gettid) as libc::id_t;
+                libc::setpriority(libc::PRIO_PROCESS, thread, 19)
+            };
+            if rc != 0 {
+                eprintln!(
+                    "loadgen: cannot lower a target's priority: {}",
+                    io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}
+
+/// A non-blocking TCP socket bound to a free loopback port, not listening.
+fn bind_loopback() -> io::Result<StdListener> {
     // SAFETY: plain socket calls on a descriptor we own; on error it is
     // closed by the StdListener wrapper created right after socket().
     unsafe {
@@ -117,7 +192,7 @@ fn listen_loopback(backlog: i32) -> io::Result<StdListener> {
             },
             sin_zero: [0; 8],
         };
-        let ok = libc::setsockopt(
+        let bound = libc::setsockopt(
             fd,
             libc::SOL_SOCKET,
             libc::SO_REUSEADDR,
@@ -128,9 +203,8 @@ fn listen_loopback(backlog: i32) -> io::Result<StdListener> {
                 fd,
                 (&sa as *const libc::sockaddr_in).cast(),
                 size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            ) == 0
-            && libc::listen(fd, backlog) == 0;
-        if ok {
+            ) == 0;
+        if bound {
             Ok(listener)
         } else {
             Err(io::Error::last_os_error())
@@ -176,6 +250,9 @@ impl Server {
                 conns: HashMap::new(),
                 failures: Vec::new(),
                 latency: Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("bounds"),
+                // Grown while a run goes on: room for a 20 s run of 9,000
+                // trackers up front.
+                tracked: Vec::with_capacity(1 << 18),
             },
         })
     }
@@ -208,6 +285,7 @@ impl Server {
                 conns: HashMap::new(),
                 failures: Vec::new(),
                 latency: Histogram::new(3).expect("sigfig"),
+                tracked: Vec::new(),
             },
         )
     }
@@ -265,7 +343,7 @@ impl Server {
                 Ok(n) => {
                     self.shared.bytes.fetch_add(n as u64, Relaxed);
                     let chunk = &self.buffer[..n];
-                    if let Err(e) = take(conn, chunk, &self.shared, &mut self.outcome.latency) {
+                    if let Err(e) = take(conn, chunk, &self.shared, &mut self.outcome) {
                         failure = Some(e);
                         break;
                     }
@@ -310,6 +388,12 @@ impl Server {
         conn.result.finished = finished;
         if finished {
             self.shared.finished.fetch_add(1, Relaxed);
+            if conn.pattern.is_some() {
+                self.shared
+                    .last_stream_finished_ns
+                    .store(wire::now_ns(), Relaxed);
+                self.shared.streams_finished.fetch_add(1, Relaxed);
+            }
         }
         if self.outcome.conns.insert(id, conn.result).is_some() {
             self.fail(format!("connection {id} arrived twice"));
@@ -329,7 +413,7 @@ fn take(
     conn: &mut Conn,
     mut chunk: &[u8],
     shared: &Shared,
-    latency: &mut Histogram<u64>,
+    outcome: &mut Outcome,
 ) -> Result<(), String> {
     if conn.mode.is_none() {
         let want = (HEADER_LEN - conn.header_len).min(chunk.len());
@@ -352,6 +436,10 @@ fn take(
             return Err(format!("connection {id}: stream byte {at} is wrong"));
         }
         conn.result.bytes += chunk.len() as u64;
+        let before = shared.stream_bytes.fetch_add(chunk.len() as u64, Relaxed);
+        if before == 0 && !chunk.is_empty() {
+            shared.first_stream_byte_ns.store(wire::now_ns(), Relaxed);
+        }
         return Ok(());
     }
     conn.result.bytes += chunk.len() as u64;
@@ -370,7 +458,9 @@ fn take(
         match mode {
             Mode::Echo => conn.echo.extend_from_slice(&conn.packet),
             Mode::Tracker => {
-                latency.saturating_record(wire::now_ns().saturating_sub(sent_ns).max(1))
+                let latency = wire::now_ns().saturating_sub(sent_ns).max(1);
+                outcome.latency.saturating_record(latency);
+                outcome.tracked.push((sent_ns, latency));
             }
             Mode::Flood | Mode::Stream => {}
         }
@@ -405,4 +495,41 @@ fn check_end(conn: &Conn) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_closed_port_refuses_until_it_listens() {
+        let port = ClosedPort::bind().expect("bind");
+        let addr = port.addr;
+        let refused = std::net::TcpStream::connect(addr).expect_err("nobody listens yet");
+        assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+        let target = port.listen(Priority::Low).expect("listen");
+        let mut device = std::net::TcpStream::connect(addr).expect("listening now");
+        device
+            .write_all(&wire::header(Mode::Stream, 9))
+            .expect("header");
+        device
+            .write_all(Pattern::new(9).at(0, 1000))
+            .expect("stream");
+        device
+            .shutdown(std::net::Shutdown::Write)
+            .expect("shutdown");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while target.shared.streams_finished.load(Relaxed) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the stream never finished"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(target.shared.stream_bytes.load(Relaxed), 1000);
+        assert_ne!(target.shared.first_stream_byte_ns.load(Relaxed), 0);
+        let outcome = target.finish();
+        assert!(outcome.failures.is_empty(), "{:?}", outcome.failures);
+        assert_eq!(outcome.conns[&9].bytes, 1000);
+    }
 }

@@ -25,11 +25,16 @@ pub struct Fleet {
     devices: Vec<TcpStream>,
     /// Packets each device has sent.
     packets: u64,
+    /// Connections the target had closed before the fleet connected
+    /// (other devices of the same run).
+    finished_before: usize,
 }
 
 impl Fleet {
     /// Connects `count` devices (ids 1..=count); each sends its header at
-    /// once. Returns when the target has seen all of them.
+    /// once. Returns when the target has seen all of them. Connections the
+    /// target saw before (other devices of the run, closed by now) do not
+    /// count.
     pub fn connect(
         addr: SocketAddr,
         count: usize,
@@ -37,13 +42,16 @@ impl Fleet {
         deadline: Duration,
     ) -> Result<Fleet, String> {
         let started = Instant::now();
+        let identified_before = target.identified.load(Relaxed);
+        let finished_before = target.finished.load(Relaxed);
+        let identified = || target.identified.load(Relaxed) - identified_before;
         let mut devices = Vec::with_capacity(count);
         for index in 0..count {
             wait_for(
                 target,
                 started + deadline,
                 "connecting the trackers",
-                || index < target.identified.load(Relaxed) + IN_FLIGHT,
+                || index < identified() + IN_FLIGHT,
             )?;
             let id = index as u64 + 1;
             let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
@@ -59,11 +67,12 @@ impl Fleet {
             target,
             started + deadline,
             "connecting the trackers",
-            || target.identified.load(Relaxed) == count,
+            || identified() == count,
         )?;
         Ok(Fleet {
             devices,
             packets: 0,
+            finished_before,
         })
     }
 
@@ -115,7 +124,7 @@ impl Fleet {
             target,
             Instant::now() + deadline,
             "closing the trackers",
-            || target.finished.load(Relaxed) == count,
+            || target.finished.load(Relaxed) - self.finished_before == count,
         )?;
         let bytes = self.packets * PACKET_LEN as u64;
         Ok((1..=self.devices.len() as u64)
@@ -126,7 +135,7 @@ impl Fleet {
 
 /// Waits until `done`, failing at `deadline` or as soon as the target has
 /// seen something wrong.
-fn wait_for(
+pub(crate) fn wait_for(
     target: &Shared,
     deadline: Instant,
     what: &str,
