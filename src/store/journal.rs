@@ -130,44 +130,31 @@ impl Journal {
     }
 
     /// Event 1 of the device (`target` None) or of a target.
-    pub fn connected(&mut self, origin: Origin, source: Side, target: Option<&str>) {
-        self.connected_via(origin, source, target, None);
-    }
-
-    /// [`Journal::connected`] with `proxy.transport` (`Some(UDP)` for a UDP
-    /// session, `None` for TCP).
-    pub fn connected_via(
+    pub fn connected(
         &mut self,
         origin: Origin,
+        tags: Tags<'_>,
         source: Side,
         target: Option<&str>,
-        transport: Option<&'static str>,
     ) {
-        let mut message = self.message(origin, Event::Established, source, target);
-        message.transport = transport;
+        let message = self.message(origin, tags, Event::Established, source, target);
         self.write(&message);
     }
 
     /// Event 0: a packet, written only in store mode; its hex only when it
     /// is no larger than the maximum payload.
-    pub fn data(&mut self, origin: Origin, source: Side, target: Option<&str>, payload: &[u8]) {
-        self.data_via(origin, source, target, payload, None);
-    }
-
-    /// [`Journal::data`] with `proxy.transport`.
-    pub fn data_via(
+    pub fn data(
         &mut self,
         origin: Origin,
+        tags: Tags<'_>,
         source: Side,
         target: Option<&str>,
         payload: &[u8],
-        transport: Option<&'static str>,
     ) {
         if !self.settings.store {
             return;
         }
-        let mut message = self.message(origin, Event::Data, source, target);
-        message.transport = transport;
+        let mut message = self.message(origin, tags, Event::Data, source, target);
         message.payload_size = Some(payload.len());
         if payload.len() as u64 <= self.settings.max_payload {
             message.payload = Some(payload);
@@ -179,25 +166,13 @@ impl Journal {
     pub fn dropped(
         &mut self,
         origin: Origin,
+        tags: Tags<'_>,
         source: Side,
         target: Option<&str>,
         close: &Closed<'_>,
-    ) {
-        self.dropped_via(origin, source, target, close, None);
-    }
-
-    /// [`Journal::dropped`] with `proxy.transport`.
-    pub fn dropped_via(
-        &mut self,
-        origin: Origin,
-        source: Side,
-        target: Option<&str>,
-        close: &Closed<'_>,
-        transport: Option<&'static str>,
     ) {
         let reason = close.reason.text();
-        let mut message = self.message(origin, Event::Dropped, source, target);
-        message.transport = transport;
+        let mut message = self.message(origin, tags, Event::Dropped, source, target);
         message.reason = Some(&reason);
         message.bytes_received = Some(close.received);
         message.bytes_sent = Some(close.sent);
@@ -222,8 +197,11 @@ impl Journal {
             Some(_) => Event::Dropped,
             None => Event::Established,
         };
-        let mut message = self.message(origin, event, source, Some(target));
-        message.device_ident = device_ident;
+        let tags = Tags {
+            device: device_ident,
+            transport: None,
+        };
+        let mut message = self.message(origin, tags, event, source, Some(target));
         message.catchup = true;
         if let Some(close) = close {
             message.reason = Some(close.reason);
@@ -253,6 +231,7 @@ impl Journal {
     fn message<'a>(
         &self,
         origin: Origin,
+        tags: Tags<'a>,
         event: Event,
         source: Side,
         target: Option<&'a str>,
@@ -272,9 +251,9 @@ impl Journal {
             reason: None,
             bytes_received: None,
             bytes_sent: None,
-            device_ident: None,
+            device_ident: tags.device,
             catchup: false,
-            transport: None,
+            transport: tags.transport,
         }
     }
 
@@ -289,6 +268,16 @@ impl Journal {
             self.flush();
         }
     }
+}
+
+/// What every message of one connection (or UDP session) carries besides
+/// its origin, the same on each of them: `device.ident` once the device is
+/// recognised (borrowed from the connection, which allocated it once), and
+/// `proxy.transport` for a UDP session. Two words, passed by value.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tags<'a> {
+    pub device: Option<&'a str>,
+    pub transport: Option<&'static str>,
 }
 
 /// How a catch-up delivery ended, for its event 2.
