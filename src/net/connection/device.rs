@@ -82,7 +82,8 @@ impl Connection {
         let (mut mandatory, mut non_mandatory) = (false, false);
         let mut most_room = 0;
         let mut one_read = buffer_len.min(settings.max_read);
-        if let Some((waiting_mandatory, waiting_other, room)) = self.waiting_room(settings) {
+        if self.targets_wait() {
+            let (waiting_mandatory, waiting_other, room) = self.waiting_room(settings);
             mandatory = waiting_mandatory;
             non_mandatory = waiting_other;
             if mandatory {

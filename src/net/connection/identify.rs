@@ -84,8 +84,18 @@ impl Connection {
     }
 
     /// Feeds a device packet to detection; call it before the packet's
-    /// event 0 is written and before it is forwarded.
+    /// event 0 is written and before it is forwarded. Once detection has
+    /// ended this is one test, inlined into the device's read.
+    #[inline]
     pub(super) fn recognise(&mut self, packet: &[u8], ctx: &mut Context<'_>) {
+        if self.recognition.detection.is_some() {
+            self.feed_detection(packet, ctx);
+        }
+    }
+
+    /// Out of line: it runs for a connection's first packets only.
+    #[inline(never)]
+    fn feed_detection(&mut self, packet: &[u8], ctx: &mut Context<'_>) {
         let Some(detection) = &mut self.recognition.detection else {
             return;
         };
@@ -123,6 +133,7 @@ impl Connection {
     /// Detection has ended: the ident is kept (and claimed, with
     /// PROXY_DEVICE_UNIQUE), and each waiting target is connected or told
     /// the device is not listed.
+    #[cold]
     fn decided(&mut self, outcome: Outcome, ctx: &mut Context<'_>) {
         self.recognition.detection = None;
         match outcome {
@@ -193,19 +204,24 @@ impl Connection {
     }
 
     /// Keeps a device packet for the targets still waiting, if any.
+    #[inline]
     pub(super) fn hold(&mut self, packet: &[u8]) {
         if self.recognition.waiting != 0 {
             self.recognition.held.extend_from_slice(packet);
         }
     }
 
-    /// For the device's read limit: whether a waiting target is mandatory,
-    /// whether one is not, and the room left in their (shared) queue.
-    /// `None` when no target waits.
-    pub(super) fn waiting_room(&self, settings: &Settings) -> Option<(bool, bool, usize)> {
-        if self.recognition.waiting == 0 {
-            return None;
-        }
+    /// Whether listed targets wait for the device (see `waiting_room`).
+    #[inline]
+    pub(super) fn targets_wait(&self) -> bool {
+        self.recognition.waiting != 0
+    }
+
+    /// For the device's read limit while targets wait: whether a waiting
+    /// target is mandatory, whether one is not, and the room left in
+    /// their (shared) queue.
+    #[inline(never)]
+    pub(super) fn waiting_room(&self, settings: &Settings) -> (bool, bool, usize) {
         let (mut mandatory, mut non_mandatory) = (false, false);
         for spec in settings.targets.iter().flatten() {
             if self.recognition.waiting & bit(spec.id) != 0 {
@@ -216,11 +232,12 @@ impl Connection {
         let room = settings
             .target_buffer
             .saturating_sub(self.recognition.held.len());
-        Some((mandatory, non_mandatory, room))
+        (mandatory, non_mandatory, room)
     }
 
     /// At the connection's end: the targets still waiting are told the
     /// device is not listed, and the device's registration ends.
+    #[inline(never)]
     pub(super) fn forget_device(&mut self, ctx: &mut Context<'_>) {
         self.recognition.detection = None;
         let waiting = std::mem::take(&mut self.recognition.waiting);
