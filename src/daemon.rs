@@ -84,7 +84,6 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     // Before anything is touched: a device list that cannot be read is a
     // configuration error.
     let devices = Arc::new(Devices::load(&config)?);
-    devices.log_start();
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     let mut registry = Registry::default();
     // Made private before the control socket, which may be made in it.
@@ -203,6 +202,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         counters: Arc::clone(&registry.acceptor),
         idents,
     })?;
+    devices.log_start();
     info!(
         "proxy-channel {} running: {}, {}, store {}",
         env!("CARGO_PKG_VERSION"),
