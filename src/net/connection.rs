@@ -17,8 +17,7 @@
 //!   queued;
 //! - the device's event 1 is its first message and its event 2 its last; a
 //!   target gets event 1 only once connected and always an event 2;
-//! - who the device is, and what that decides (device lists, unique
-//!   devices), is `identify`'s.
+//! - who the device is, and what that decides, is `identify`'s.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -94,11 +93,9 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// The settings of `config`, with its detectors but no device list
-    /// (every target takes every device); the daemon uses
-    /// [`Settings::with_devices`].
+    /// The settings of `config` (its detectors checked when it was parsed)
+    /// without device lists: the daemon uses [`Settings::with_devices`].
     pub fn new(config: &Config) -> Settings {
-        // The detectors were checked when the configuration was parsed.
         let devices = Devices::without_lists(config).unwrap_or_else(|_| Devices::off());
         Settings::with_devices(config, Arc::new(devices))
     }
@@ -356,8 +353,7 @@ impl Connection {
     /// changed, so that the connection needs driving (it is ending, or
     /// lost a target).
     pub fn check_timers(&mut self, ctx: &mut Context<'_>) -> bool {
-        let mut changed = self.check_header_timeout(ctx);
-        changed |= self.check_detection(ctx);
+        let mut changed = self.check_header_timeout(ctx) | self.check_detection(ctx);
         for target in TargetId::all() {
             let expired = matches!(
                 self.targets[target.index()],

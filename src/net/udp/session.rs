@@ -13,10 +13,10 @@
 //!   to apply). The one exception is a target with a device list, which
 //!   gets its socket only once the device is recognised as listed (each
 //!   datagram is looked at until then, within the detection window): the
-//!   datagrams before that are held for it, fewer than
-//!   [`WINDOW_BYTES`] in all since detection ends once that many bytes
-//!   have arrived, and it gets them first. A device not listed, or not
-//!   recognised within the window, gives such a target one event 2,
+//!   datagrams before that are held for it (fewer than 1 KiB in all:
+//!   detection ends once that many bytes have arrived), and it gets them
+//!   first (see `identify`). A device not listed, or not recognised
+//!   within the window, gives such a target one event 2,
 //!   `device not listed`, with counts 0 and no event 1;
 //! - a target whose socket reports ICMP unreachable is dropped like a failed
 //!   TCP target: a mandatory one ends the session.
@@ -33,15 +33,14 @@ use mio::{Interest, Registry, Token};
 use super::wire::LocalAddress;
 use crate::config::MAX_TARGETS;
 use crate::control::stats::{self, Counters, UdpDrop};
-use crate::device::{self, DETECTION_TIME, Ident, WINDOW_BYTES};
+use crate::device::Ident;
 use crate::net::admission::Permit;
 use crate::net::connection::{
     ConnectionReport, Settings, TargetAddresses, TargetReport, TargetSpec,
 };
-use crate::net::devices::Owner;
 use crate::net::reason::Reason;
-use crate::net::side::{Side, TargetId};
-use crate::store::journal::{Closed, Journal, Tags};
+use crate::net::side::Side;
+use crate::store::journal::{Closed, Journal};
 use crate::store::message::{Origin, UDP};
 
 /// Datagrams a session may send at most in a burst, and refilled at one
@@ -202,20 +201,12 @@ impl Session {
         stats::add(&ctx.counters.udp_opened, 1);
         for spec in ctx.settings.targets.iter().flatten() {
             match ctx.settings.devices.has_list(spec.id) {
-                true if session.detecting => session.waiting |= bit(spec.id),
+                true if session.detecting => session.waiting |= identify::bit(spec.id),
                 true => session.not_listed(spec, ctx),
                 false => session.open_target(spec, addresses, ctx),
             }
         }
         session
-    }
-
-    /// What each message of the session carries.
-    fn tags(&self) -> Tags<'_> {
-        Tags {
-            device: self.device.as_ref().map(Ident::as_str),
-            transport: Some(UDP),
-        }
     }
 
     fn open_target(&mut self, spec: &TargetSpec, addresses: &TargetAddresses, ctx: &mut Ctx<'_>) {
@@ -322,80 +313,6 @@ impl Session {
                 );
                 ctx.counters.udp_drop(UdpDrop::TargetSendFailed, 1);
             }
-        }
-    }
-
-    /// Looks for the device's ident in a datagram, within the detection
-    /// window: the first [`WINDOW_BYTES`] the device sent, and
-    /// [`DETECTION_TIME`] from the session's start.
-    fn detect(&mut self, payload: &[u8], addresses: &TargetAddresses, ctx: &mut Ctx<'_>) {
-        if ctx.now >= self.opened_at + DETECTION_TIME {
-            return self.decided(None, addresses, ctx);
-        }
-        match device::detect_datagram(ctx.settings.devices.detectors(), payload) {
-            Some(found) => self.decided(Some(found), addresses, ctx),
-            None if self.received >= WINDOW_BYTES as u64 => self.decided(None, addresses, ctx),
-            None => {}
-        }
-    }
-
-    /// Ends detection when its time is up (from the worker's timer).
-    pub fn check_detection(&mut self, addresses: &TargetAddresses, ctx: &mut Ctx<'_>) {
-        if self.detecting && ctx.now >= self.opened_at + DETECTION_TIME {
-            self.decided(None, addresses, ctx);
-        }
-    }
-
-    /// Detection has ended with the device's ident, or without: the ident
-    /// is kept (and claimed, with PROXY_DEVICE_UNIQUE), and each waiting
-    /// target gets its socket and the datagrams held for it, or is told
-    /// the device is not listed.
-    fn decided(&mut self, found: Option<Ident>, addresses: &TargetAddresses, ctx: &mut Ctx<'_>) {
-        self.detecting = false;
-        match found {
-            Some(device) => {
-                debug!("{}: device {device}", self.origin.ident);
-                ctx.settings.devices.claim(&device, self.owner(ctx.worker));
-                self.device = Some(device);
-            }
-            None => debug!("{}: device not recognised", self.origin.ident),
-        }
-        let waiting = std::mem::take(&mut self.waiting);
-        let held = std::mem::take(&mut self.held);
-        for spec in ctx.settings.targets.iter().flatten() {
-            if waiting & bit(spec.id) == 0 {
-                continue;
-            }
-            if !ctx.settings.devices.admits(spec.id, self.device.as_ref()) {
-                self.not_listed(spec, ctx);
-                continue;
-            }
-            self.open_target(spec, addresses, ctx);
-            for datagram in &held {
-                self.send_to_target(spec.id.index(), datagram, ctx);
-            }
-        }
-    }
-
-    /// A target with a device list that does not take this device: its
-    /// one event 2, with counts 0; nothing else ends.
-    fn not_listed(&mut self, spec: &TargetSpec, ctx: &mut Ctx<'_>) {
-        let why = Reason::DeviceNotListed;
-        let closed = Closed {
-            reason: &why,
-            received: 0,
-            sent: 0,
-        };
-        let side = Side::Target(spec.id);
-        ctx.journal
-            .dropped(self.origin, self.tags(), side, Some(&spec.label), &closed);
-        ctx.counters.drop_of(side, &why);
-    }
-
-    fn owner(&self, worker: usize) -> Owner {
-        Owner {
-            connection: self.origin.ident,
-            worker,
         }
     }
 
@@ -551,15 +468,7 @@ impl Session {
             target_reason: Reason::Shutdown,
         });
         // Ended before its device was known: not listed where it waited.
-        let waiting = std::mem::take(&mut self.waiting);
-        for spec in ctx.settings.targets.iter().flatten() {
-            if waiting & bit(spec.id) != 0 {
-                self.not_listed(spec, ctx);
-            }
-        }
-        if let Some(device) = &self.device {
-            ctx.settings.devices.release(device, self.owner(ctx.worker));
-        }
+        self.forget_device(ctx);
         for index in 0..MAX_TARGETS {
             self.drop_target(index, &ending.target_reason, ctx);
         }
@@ -604,10 +513,6 @@ impl Session {
     }
 }
 
-fn bit(target: TargetId) -> u8 {
-    1 << target.index()
-}
-
 /// A UDP socket connected to `address`, watched for replies and errors.
 fn open_socket(address: SocketAddr, registry: &Registry, token: Token) -> io::Result<UdpSocket> {
     let any = match address {
@@ -641,6 +546,8 @@ fn target_spec(settings: &Settings, index: usize) -> &TargetSpec {
         .as_ref()
         .expect("a session only has sockets to configured targets")
 }
+
+mod identify;
 
 #[cfg(test)]
 mod tests {
