@@ -287,7 +287,7 @@ impl Worker {
             .find(|(_, c)| c.origin().ident == ident);
         match found {
             Some((slot, connection)) => {
-                log::info!("[worker {}] {ident}: {why}", self.id);
+                log::log!(close_level(&why), "[worker {}] {ident}: {why}", self.id);
                 connection.close(why);
                 schedule(&mut self.scheduled, connection, slot);
                 true
@@ -388,6 +388,16 @@ impl Worker {
                 self.connections.len()
             );
         }
+    }
+}
+
+/// How loud a close decided outside a connection is logged: an
+/// operator's at info, a replaced connection's (every reconnect of a
+/// device, with PROXY_DEVICE_UNIQUE) at debug.
+pub fn close_level(why: &Reason) -> log::Level {
+    match why {
+        Reason::ClosedByOperator => log::Level::Info,
+        _ => log::Level::Debug,
     }
 }
 

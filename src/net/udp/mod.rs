@@ -44,6 +44,7 @@ use crate::control::stats::{self, Counters, Refusal, UdpDrop};
 use crate::net::admission::Admission;
 use crate::net::connection::{ConnectionReport, Settings, TargetAddresses};
 use crate::net::reason::Reason;
+use crate::net::worker::close_level;
 use crate::store::journal::Journal;
 use crate::store::message::{Ident, IdentGenerator};
 
@@ -415,7 +416,7 @@ impl UdpSessions {
         let Some(slot) = found else {
             return false;
         };
-        log::info!("[worker {}] {ident}: {why}", self.worker);
+        log::log!(close_level(&why), "[worker {}] {ident}: {why}", self.worker);
         self.sessions[slot].end(why.clone(), why);
         self.finish(slot, journal, now);
         true
