@@ -84,7 +84,7 @@ fn parse_view(parser: &mut lexopt::Parser) -> Result<ViewOptions, UsageError> {
             Long("json") => options.format = Format::Json,
             Short('f') | Long("follow") => options.follow = true,
             Long("no-color") => options.color = false,
-            Long(name @ ("ident" | "peer" | "source" | "event" | "since" | "until")) => {
+            Long(name @ ("ident" | "peer" | "source" | "event" | "since" | "until" | "device")) => {
                 let option = format!("--{name}");
                 set_filter(&mut options.filter, &option, parser, now)?;
             }
@@ -137,7 +137,7 @@ fn parse_replay(parser: &mut lexopt::Parser) -> Result<ReplayOptions, UsageError
                 options.wait = parse_duration(&value)
                     .ok_or_else(|| invalid("--wait", &value, "a duration such as 500ms or 2s"))?;
             }
-            Long(name @ ("ident" | "peer" | "since" | "until")) => {
+            Long(name @ ("ident" | "peer" | "since" | "until" | "device")) => {
                 let option = format!("--{name}");
                 set_filter(&mut options.filter, &option, parser, now)?;
             }
@@ -250,8 +250,9 @@ Usage:
 
 Devices connect to PROXY_LISTEN; their bytes go to PROXY_TARGET1..3 and the
 targets' replies come back; connects, disconnects and traffic are written as
-JSON lines to $PROXY_DATA_DIR/messages.jsonl. SIGHUP rotates that file,
-SIGTERM closes every connection and exits.
+JSON lines to $PROXY_DATA_DIR/messages.jsonl. SIGHUP rotates that file and
+reads the device lists (PROXY_TARGETn_DEVICES) again, SIGTERM closes every
+connection and exits.
 
 view options:
   --text                payloads as escaped text instead of a hex dump
@@ -262,6 +263,8 @@ view options:
   --peer ADDR           a device address: ip:port, or ip for any port
   --source N            0 the device, 1..3 a target
   --event E             0/data, 1/connected, 2/disconnected
+  --device D            whole connections of the device recognised as D (device.ident);
+                        with --follow, a connection shows from when its device is known
   --since T, --until T  RFC 3339 time (2026-11-26T10:00:00Z) or back from now (15m)
 
 replay options:
@@ -270,11 +273,12 @@ replay options:
   --concurrency N       connections replayed at once (default 1)
   --wait D              after the last byte, wait this long for replies (default 500ms)
   --ident, --peer, --since, --until   which recorded connections (by their start)
+  --device D            the recorded connections of the device recognised as D
 
 ctl:
-  list                  open device connections, with bytes and targets
+  list                  open device connections, with bytes, device ident and targets
   close IDENT           close one connection (reason: closed by operator)
-  close --device DEVICE close every connection of that device
+  close --device DEVICE close every connection (and UDP session) of that device
   stats                 counters since start
   --json                the daemon's JSON reply unchanged
   --socket PATH         default: $PROXY_CONTROL_SOCKET, or $PROXY_DATA_DIR/control.sock

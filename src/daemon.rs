@@ -1,12 +1,14 @@
 //! The daemon's life: start every thread in order, wait for signals, and
 //! shut down cleanly.
 //!
-//! Start: signals are caught first (so an early SIGTERM is not fatal), the
-//! data folder is opened, the open-file limit raised, the listeners bound;
+//! Start: the device lists are read (one that cannot be read is a
+//! configuration error, exit 2), signals are caught (so an early SIGTERM is
+//! not fatal), the data folder is opened, the open-file limit raised, the listeners bound;
 //! only then does "listening on" appear in the log. Stop (SIGTERM/SIGINT):
 //! the acceptor stops, each worker closes its connections with reason
 //! `shutdown` and hands over its last messages, and the writer, once every
-//! sender is gone, writes and fsyncs everything and returns.
+//! sender is gone, writes and fsyncs everything and returns. SIGHUP
+//! rotates the message file and reads the device lists again.
 
 use std::io;
 use std::net::SocketAddr;
@@ -22,12 +24,13 @@ use signal_hook::iterator::Signals;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::catchup::{self, Boundary, CatchUpSetup};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::control::server::{self as control_server, Control, ControlSetup};
 use crate::control::stats::{Counters, Registry};
 use crate::net::acceptor::{Acceptor, AcceptorSetup};
 use crate::net::admission::Admission;
 use crate::net::connection::{Settings, TargetAddresses};
+use crate::net::devices::Devices;
 use crate::net::limits;
 use crate::net::resolver;
 use crate::net::udp::{self, UdpSetup};
@@ -45,6 +48,9 @@ const STORE_QUEUE: usize = 64;
 /// Why the daemon could not start, or did not stop cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// A setting that can only be checked at start (a device list file).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot listen on {address}: {source}")]
@@ -64,7 +70,7 @@ impl DaemonError {
     /// 2 for what the user must fix in the configuration, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            DaemonError::Store(_) => 2,
+            DaemonError::Config(_) | DaemonError::Store(_) => 2,
             DaemonError::Listen { .. }
             | DaemonError::Control { .. }
             | DaemonError::Io(_)
@@ -75,6 +81,9 @@ impl DaemonError {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(config: Config) -> Result<(), DaemonError> {
+    // Before anything is touched: a device list that cannot be read is a
+    // configuration error.
+    let devices = Arc::new(Devices::load(&config)?);
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     let mut registry = Registry::default();
     // Made private before the control socket, which may be made in it.
@@ -119,7 +128,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         store: config.store,
         max_payload: config.max_payload,
     };
-    let settings = Arc::new(Settings::new(&config));
+    let settings = Arc::new(Settings::with_devices(&config, Arc::clone(&devices)));
     let addresses = initial_addresses(&config);
     let admission = Admission::new(&config);
 
@@ -149,6 +158,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         handles.push(handle);
         worker_threads.push(thread);
     }
+    devices.set_workers(handles.clone());
     start_resolvers(&config, &settings, &addresses, &handles)?;
     let catch_up = catchup::start(
         CatchUpSetup {
@@ -186,6 +196,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         counters: Arc::clone(&registry.acceptor),
         idents,
     })?;
+    devices.log_start();
     info!(
         "proxy-channel {} running: {}, {}, store {}",
         env!("CARGO_PKG_VERSION"),
@@ -203,6 +214,7 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
             // loops soon anyway and sees the flag.
             rotate_requested.store(true, Ordering::SeqCst);
             let _ = store_sender.try_send(StoreCommand::Rotate);
+            devices.reload();
         } else {
             info!("signal {signal}: shutting down");
             break;

@@ -21,7 +21,7 @@ const DEVICES: usize = 50;
 /// The index of "closed by operator" in the stats' drop kinds (and its
 /// metrics label), as the README's reasons table orders them.
 const OPERATOR: usize = 9;
-const DROP_LABELS: [&str; 13] = [
+const DROP_LABELS: [&str; 15] = [
     "closed_by_peer",
     "reset_by_peer",
     "idle_timeout",
@@ -34,6 +34,8 @@ const DROP_LABELS: [&str; 13] = [
     "closed_by_operator",
     "bad_proxy_header",
     "shutdown",
+    "device_not_listed",
+    "replaced",
     "other",
 ];
 

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 use proxy_channel::control::stats::Counters;
 use proxy_channel::net::side::Side;
-use proxy_channel::store::journal::{BufferPool, Journal, JournalSettings, StoreCommand};
+use proxy_channel::store::journal::{BufferPool, Journal, JournalSettings, StoreCommand, Tags};
 use proxy_channel::store::message::{Ident, Origin};
 use proxy_channel::store::writer::{Store, StoreSettings};
 
@@ -80,7 +80,13 @@ pub fn view_scan(dir: &Path, binary: &Path) -> Result<Vec<Metric>, String> {
             peer: ([10, 0, (n >> 8) as u8, n as u8], 40_000).into(),
         };
         let size = 20 + (n as usize * 37) % 581;
-        journal.data(origin, Side::Device, None, &payload[..size]);
+        journal.data(
+            origin,
+            Tags::default(),
+            Side::Device,
+            None,
+            &payload[..size],
+        );
         written += 200 + 2 * size as u64;
         n += 1;
         if n % 256 == 0 {
@@ -184,7 +190,7 @@ fn produce(mut journal: Journal, producer: usize, deadline: Instant) -> u64 {
     while Instant::now() < deadline {
         for _ in 0..PER_ITERATION {
             payload[..8].copy_from_slice(&made.to_le_bytes());
-            journal.data(origin, Side::Device, None, &payload);
+            journal.data(origin, Tags::default(), Side::Device, None, &payload);
             made += 1;
         }
         journal.flush();

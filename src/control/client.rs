@@ -83,8 +83,8 @@ fn print_list(list: &ListReply, out: &mut dyn Write) -> Result<(), CtlError> {
     let connections = &list.connections;
     writeln!(
         out,
-        "{:<16}  {:<22}  {:>9}  {:>8}  {:>12}  {:>12}  targets",
-        "ident", "peer", "age", "idle", "received", "sent"
+        "{:<16}  {:<22}  {:>9}  {:>8}  {:>12}  {:>12}  {:<15}  targets",
+        "ident", "peer", "age", "idle", "received", "sent", "device"
     )?;
     for c in connections {
         let targets: Vec<String> = c
@@ -102,15 +102,18 @@ fn print_list(list: &ListReply, out: &mut dyn Write) -> Result<(), CtlError> {
             Some(transport) => format!("{}/{transport}", c.peer),
             None => c.peer.clone(),
         };
+        // Not recognised (yet): `-`, so the columns stay in place.
+        let device = c.device.as_deref().unwrap_or("-");
         writeln!(
             out,
-            "{:<16}  {:<22}  {:>8.1}s  {:>7.1}s  {:>12}  {:>12}  {}",
+            "{:<16}  {:<22}  {:>8.1}s  {:>7.1}s  {:>12}  {:>12}  {:<15}  {}",
             c.ident,
             peer,
             c.age_seconds,
             c.idle_seconds,
             c.bytes_received,
             c.bytes_sent,
+            device,
             targets.join(", ")
         )?;
     }

@@ -30,11 +30,15 @@ pub enum DropKind {
     ClosedByOperator,
     BadProxyHeader,
     Shutdown,
+    /// A target with a device list that does not take the device.
+    DeviceNotListed,
+    /// A device's older connection, closed for its newer one.
+    Replaced,
     Other,
 }
 
 impl DropKind {
-    pub const ALL: [DropKind; 13] = [
+    pub const ALL: [DropKind; 15] = [
         DropKind::ClosedByPeer,
         DropKind::ResetByPeer,
         DropKind::IdleTimeout,
@@ -47,6 +51,8 @@ impl DropKind {
         DropKind::ClosedByOperator,
         DropKind::BadProxyHeader,
         DropKind::Shutdown,
+        DropKind::DeviceNotListed,
+        DropKind::Replaced,
         DropKind::Other,
     ];
 
@@ -70,6 +76,8 @@ impl DropKind {
             DropKind::ClosedByOperator => "closed_by_operator",
             DropKind::BadProxyHeader => "bad_proxy_header",
             DropKind::Shutdown => "shutdown",
+            DropKind::DeviceNotListed => "device_not_listed",
+            DropKind::Replaced => "replaced",
             DropKind::Other => "other",
         }
     }

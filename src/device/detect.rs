@@ -207,6 +207,8 @@ pub enum GiveUp {
     WindowFull,
     /// [`DETECTION_TIME`] passed without a match.
     TimedOut,
+    /// The device ended its stream before a match.
+    StreamEnded,
 }
 
 /// For the log: why the device stays unrecognised.
@@ -216,6 +218,7 @@ impl fmt::Display for GiveUp {
             GiveUp::NoMatchPossible => f.write_str("no detector matches its first bytes"),
             GiveUp::WindowFull => write!(f, "no match in its first {WINDOW_BYTES} bytes"),
             GiveUp::TimedOut => write!(f, "no match within {:?} of accept", DETECTION_TIME),
+            GiveUp::StreamEnded => f.write_str("its stream ended before a match"),
         }
     }
 }
@@ -292,6 +295,20 @@ impl Detection {
         let outcome = match set.scan_stream(window, true) {
             Ok(ident) => Outcome::Found(ident),
             Err(_) => Outcome::GaveUp(GiveUp::TimedOut),
+        };
+        self.end(outcome)
+    }
+
+    /// Ends detection now: the device has ended its stream, no more bytes
+    /// will come. The regex gets a last look at the window, as at the
+    /// deadline. `Some` exactly once, as for `feed`.
+    pub fn finish(&mut self, set: &DetectorSet) -> Option<Outcome> {
+        let State::Pending { window, .. } = &self.state else {
+            return None;
+        };
+        let outcome = match set.scan_stream(window, true) {
+            Ok(ident) => Outcome::Found(ident),
+            Err(_) => Outcome::GaveUp(GiveUp::StreamEnded),
         };
         self.end(outcome)
     }

@@ -16,7 +16,8 @@
 //! - replies are not read from the targets while the device has replies
 //!   queued;
 //! - the device's event 1 is its first message and its event 2 its last; a
-//!   target gets event 1 only once connected and always an event 2.
+//!   target gets event 1 only once connected and always an event 2;
+//! - who the device is, and what that decides, is `identify`'s.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,21 +29,23 @@ use mio::{Interest, Registry, Token};
 
 use crate::config::{AcceptProxyProtocol, Config, MAX_TARGETS, SendProxyProtocol};
 use crate::control::stats::{self, Counters};
+use crate::net::devices::Devices;
 use crate::net::reason::Reason;
 use crate::net::side::{SIDES, Side, TargetId};
 use crate::net::socket::Endpoint;
-use crate::store::journal::Recorded;
-use crate::store::journal::{Closed, Journal};
+use crate::store::journal::{Closed, Journal, Recorded, Tags};
 use crate::store::message::Origin;
 
 mod device;
 mod header;
+mod identify;
 mod lifecycle;
 mod report;
 mod targets;
 mod warnings;
 
 use header::HeaderWait;
+use identify::Recognition;
 use lifecycle::{Ending, LinkState, LinkStatus, Next, Phase, next_step};
 pub use report::{ConnectionReport, TargetReport};
 
@@ -85,10 +88,20 @@ pub struct Settings {
     pub accept_proxy: AcceptProxyProtocol,
     /// Whether any target is sent a PROXY protocol header.
     pub sends_proxy_header: bool,
+    /// Detectors, device lists and the registry of unique devices.
+    pub devices: Arc<Devices>,
 }
 
 impl Settings {
+    /// The settings of `config` (its detectors checked when it was parsed)
+    /// without device lists: the daemon uses [`Settings::with_devices`].
     pub fn new(config: &Config) -> Settings {
+        let devices = Devices::without_lists(config).unwrap_or_else(|_| Devices::off());
+        Settings::with_devices(config, Arc::new(devices))
+    }
+
+    /// The settings of `config`, with `devices` (its lists loaded).
+    pub fn with_devices(config: &Config, devices: Arc<Devices>) -> Settings {
         let mut targets: [Option<TargetSpec>; MAX_TARGETS] = Default::default();
         for target in &config.targets {
             let Some(id) = TargetId::from_number(target.number) else {
@@ -122,6 +135,7 @@ impl Settings {
                 .targets
                 .iter()
                 .any(|t| t.send_proxy != SendProxyProtocol::Off),
+            devices,
         }
     }
 
@@ -143,6 +157,8 @@ pub struct Context<'a> {
     /// The current addresses of each target (names are resolved elsewhere).
     pub addresses: &'a TargetAddresses,
     pub counters: &'a Counters,
+    /// The worker's id, to name where a connection lives.
+    pub worker: usize,
     pub now: Instant,
 }
 
@@ -222,6 +238,8 @@ pub struct Connection {
     last_activity: Instant,
     /// When the kernel's send queues were last looked into.
     looked_at: Instant,
+    /// Who the device is, and the targets waiting to know it.
+    recognition: Recognition,
     /// On the worker's list of connections to drive.
     pub scheduled: bool,
     /// Its share of the journal's unwritten lines (fairness while the
@@ -262,6 +280,7 @@ impl Connection {
             opened_at: ctx.now,
             last_activity: ctx.now,
             looked_at: ctx.now,
+            recognition: Recognition::new(&ctx.settings.devices, ctx.now),
             scheduled: false,
             recorded: Recorded::default(),
             held_back: false,
@@ -269,13 +288,15 @@ impl Connection {
         if let Err(e) = registered {
             // Its end is logged, as an error, when it finishes.
             log::debug!("{}: cannot watch the device socket: {e}", origin.ident);
-            ctx.journal.connected(origin, Side::Device, None);
+            ctx.journal
+                .connected(origin, Tags::default(), Side::Device, None);
             connection.end(Reason::io(&e), Reason::DeviceFailed, false);
             return connection;
         }
         match ctx.settings.accept_proxy {
             AcceptProxyProtocol::Off => {
-                ctx.journal.connected(origin, Side::Device, None);
+                ctx.journal
+                    .connected(origin, Tags::default(), Side::Device, None);
                 connection.connect_targets(ctx);
             }
             _ => connection.phase = Phase::AwaitingHeader(HeaderWait::new(ctx.now)),
@@ -340,7 +361,7 @@ impl Connection {
     /// changed, so that the connection needs driving (it is ending, or
     /// lost a target).
     pub fn check_timers(&mut self, ctx: &mut Context<'_>) -> bool {
-        let mut changed = self.check_header_timeout(ctx);
+        let mut changed = self.check_header_timeout(ctx) | self.check_detection(ctx);
         for target in TargetId::all() {
             let expired = matches!(
                 self.targets[target.index()],
@@ -464,8 +485,10 @@ impl Connection {
         if ending.unannounced {
             // Closed while its PROXY header was awaited (shutdown, an
             // operator, the idle timeout): its event 1 still comes first.
-            ctx.journal.connected(self.origin, Side::Device, None);
+            ctx.journal
+                .connected(self.origin, self.tags(), Side::Device, None);
         }
+        self.forget_device(ctx);
         for target in TargetId::all() {
             self.drop_target(target, &ending.target_reason, ctx);
         }
@@ -477,7 +500,7 @@ impl Connection {
             sent: self.device.sent,
         };
         ctx.journal
-            .dropped(self.origin, Side::Device, None, &closed);
+            .dropped(self.origin, self.tags(), Side::Device, None, &closed);
         ctx.counters.drop_of(Side::Device, &ending.reason);
         warnings::device_dropped(self.origin, &ending.reason);
     }

@@ -6,13 +6,16 @@
 //! [`socket`] with a bounded queue. [`proxy_header`] reads and writes HAProxy
 //! PROXY protocol headers, the [`resolver`] keeps target host names fresh
 //! off the workers, [`side`] names a connection's sides (the device, target
-//! n) and [`reason`] says why a side was dropped. [`udp`] holds the UDP
+//! n) and [`reason`] says why a side was dropped. [`devices`] holds what
+//! the workers share about devices: detectors, device lists, and who has a
+//! connection open. [`udp`] holds the UDP
 //! devices' sessions, which live on the workers too.
 
 pub mod acceptor;
 pub mod admission;
 pub mod allow;
 pub mod connection;
+pub mod devices;
 pub mod limits;
 pub mod proxy_header;
 pub mod reason;

@@ -107,8 +107,6 @@ pub enum Reason {
     DeviceFailed,
     /// A refused PROXY protocol header: `bad proxy protocol header: why`.
     BadProxyHeader(Box<str>),
-    // The four below are for features still to come (device lists,
-    // unique devices, catch-up); nothing writes them yet.
     /// A target that is only for the devices of its list.
     DeviceNotListed,
     /// A device's older connection, closed for its newer one.
@@ -194,11 +192,10 @@ impl Reason {
             Reason::ClosedByOperator => DropKind::ClosedByOperator,
             Reason::DeviceFailed => DropKind::DeviceFailed,
             Reason::BadProxyHeader(_) => DropKind::BadProxyHeader,
-            // Their features choose their kinds when they come.
-            Reason::DeviceNotListed
-            | Reason::Replaced
-            | Reason::CaughtUp
-            | Reason::PayloadNotStored => DropKind::Other,
+            Reason::DeviceNotListed => DropKind::DeviceNotListed,
+            Reason::Replaced => DropKind::Replaced,
+            // Catch-up's ends are counted by catch-up itself.
+            Reason::CaughtUp | Reason::PayloadNotStored => DropKind::Other,
         }
     }
 
@@ -291,8 +288,8 @@ mod tests {
             (Reason::ClosedByOperator, "closed by operator", K::ClosedByOperator, Expected),
             (Reason::DeviceFailed, "device failed", K::DeviceFailed, Expected),
             (Reason::BadProxyHeader("not a PROXY header".into()), "bad proxy protocol header: not a PROXY header", K::BadProxyHeader, Expected),
-            (Reason::DeviceNotListed, "device not listed", K::Other, Expected),
-            (Reason::Replaced, "replaced by a newer connection", K::Other, Expected),
+            (Reason::DeviceNotListed, "device not listed", K::DeviceNotListed, Expected),
+            (Reason::Replaced, "replaced by a newer connection", K::Replaced, Expected),
             (Reason::CaughtUp, "caught up", K::Other, Expected),
             (Reason::PayloadNotStored, "payload not stored", K::Other, Expected),
         ];

@@ -61,12 +61,15 @@ pub enum Command {
     /// Close the connection with this ident (reason `closed by operator`);
     /// the reply says whether this worker had it.
     Close { ident: Ident, reply: Sender<bool> },
+    /// Close the connection (or UDP session) with this ident, if it is
+    /// still here: its device has a newer one (PROXY_DEVICE_UNIQUE).
+    Replace { ident: Ident },
     /// Close every connection with reason `shutdown` and stop.
     Shutdown,
 }
 
 /// How other threads reach a worker.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct WorkerHandle {
     sender: Sender<Command>,
     waker: Arc<Waker>,
@@ -230,7 +233,8 @@ impl Worker {
             if now >= next_tick {
                 self.check_timers(now);
                 // UDP: hook 6, idle sessions end.
-                self.udp.check_timers(&mut self.journal, now);
+                self.udp
+                    .check_timers(&mut self.journal, &self.addresses, now);
                 next_tick = now + self.tick;
             }
             self.journal.settle(Instant::now());
@@ -275,9 +279,11 @@ impl Worker {
                     let _ = reply.send(reports);
                 }
                 Ok(Command::Close { ident, reply }) => {
-                    let closed = self.close_ident(ident)
-                        || self.udp.close_ident(ident, &mut self.journal, now);
+                    let closed = self.close_ident(ident, Reason::ClosedByOperator, now);
                     let _ = reply.send(closed);
+                }
+                Ok(Command::Replace { ident }) => {
+                    self.close_ident(ident, Reason::Replaced, now);
                 }
                 Ok(Command::Shutdown) => return true,
                 Err(TryRecvError::Empty) => return false,
@@ -286,20 +292,21 @@ impl Worker {
         }
     }
 
-    /// Closes the connection with `ident`, if it is here.
-    fn close_ident(&mut self, ident: Ident) -> bool {
+    /// Closes the connection or UDP session with `ident` for `why`, if
+    /// it is here.
+    fn close_ident(&mut self, ident: Ident, why: Reason, now: Instant) -> bool {
         let found = self
             .connections
             .iter_mut()
             .find(|(_, c)| c.origin().ident == ident);
         match found {
             Some((slot, connection)) => {
-                log::info!("[worker {}] {ident}: closed by operator", self.id);
-                connection.close(Reason::ClosedByOperator);
+                log::log!(close_level(&why), "[worker {}] {ident}: {why}", self.id);
+                connection.close(why);
                 schedule(&mut self.scheduled, connection, slot);
                 true
             }
-            None => false,
+            None => self.udp.close_ident(ident, why, &mut self.journal, now),
         }
     }
 
@@ -316,6 +323,7 @@ impl Worker {
             settings: &self.settings,
             addresses: &self.addresses,
             counters: &self.counters,
+            worker: self.id,
             now,
         };
         let connection = entry.insert(Connection::open(slot, stream, origin, &mut ctx));
@@ -331,6 +339,7 @@ impl Worker {
             settings: &self.settings,
             addresses: &self.addresses,
             counters: &self.counters,
+            worker: self.id,
             now,
         };
         let slots = std::mem::take(&mut self.scheduled);
@@ -383,6 +392,7 @@ impl Worker {
             settings: &self.settings,
             addresses: &self.addresses,
             counters: &self.counters,
+            worker: self.id,
             now,
         };
         let mut ctx = ctx;
@@ -410,6 +420,16 @@ impl Worker {
                 self.connections.len()
             );
         }
+    }
+}
+
+/// How loud a close decided outside a connection is logged: an
+/// operator's at info, a replaced connection's (every reconnect of a
+/// device, with PROXY_DEVICE_UNIQUE) at debug.
+pub fn close_level(why: &Reason) -> log::Level {
+    match why {
+        Reason::ClosedByOperator => log::Level::Info,
+        _ => log::Level::Debug,
     }
 }
 

@@ -257,44 +257,43 @@ impl Journal {
     }
 
     /// Event 1 of the device (`target` None) or of a target.
-    pub fn connected(&mut self, origin: Origin, source: Side, target: Option<&str>) {
-        self.connected_via(origin, source, target, None);
-    }
-
-    /// [`Journal::connected`] with `proxy.transport` (`Some(UDP)` for a UDP
-    /// session, `None` for TCP).
-    pub fn connected_via(
+    pub fn connected(
         &mut self,
         origin: Origin,
+        tags: Tags<'_>,
         source: Side,
         target: Option<&str>,
-        transport: Option<&'static str>,
     ) {
-        let mut message = self.message(origin, Event::Established, source, target);
-        message.transport = transport;
+        let message = self.message(origin, tags, Event::Established, source, target);
         self.write(&message);
     }
 
     /// Event 0: a packet, written only in store mode; its hex only when it
-    /// is no larger than the maximum payload.
-    pub fn data(&mut self, origin: Origin, source: Side, target: Option<&str>, payload: &[u8]) {
-        self.data_via(origin, source, target, payload, None);
-    }
-
-    /// [`Journal::data`] with `proxy.transport`.
-    pub fn data_via(
+    /// is no larger than the maximum payload. Inlined: without store mode
+    /// a packet costs its caller one test.
+    #[inline]
+    pub fn data(
         &mut self,
         origin: Origin,
+        tags: Tags<'_>,
         source: Side,
         target: Option<&str>,
         payload: &[u8],
-        transport: Option<&'static str>,
     ) {
-        if !self.settings.store {
-            return;
+        if self.settings.store {
+            self.write_data(origin, tags, source, target, payload);
         }
-        let mut message = self.message(origin, Event::Data, source, target);
-        message.transport = transport;
+    }
+
+    fn write_data(
+        &mut self,
+        origin: Origin,
+        tags: Tags<'_>,
+        source: Side,
+        target: Option<&str>,
+        payload: &[u8],
+    ) {
+        let mut message = self.message(origin, tags, Event::Data, source, target);
         message.payload_size = Some(payload.len());
         if payload.len() as u64 <= self.settings.max_payload {
             message.payload = Some(payload);
@@ -306,25 +305,13 @@ impl Journal {
     pub fn dropped(
         &mut self,
         origin: Origin,
+        tags: Tags<'_>,
         source: Side,
         target: Option<&str>,
         close: &Closed<'_>,
-    ) {
-        self.dropped_via(origin, source, target, close, None);
-    }
-
-    /// [`Journal::dropped`] with `proxy.transport`.
-    pub fn dropped_via(
-        &mut self,
-        origin: Origin,
-        source: Side,
-        target: Option<&str>,
-        close: &Closed<'_>,
-        transport: Option<&'static str>,
     ) {
         let reason = close.reason.text();
-        let mut message = self.message(origin, Event::Dropped, source, target);
-        message.transport = transport;
+        let mut message = self.message(origin, tags, Event::Dropped, source, target);
         message.reason = Some(&reason);
         message.bytes_received = Some(close.received);
         message.bytes_sent = Some(close.sent);
@@ -349,8 +336,11 @@ impl Journal {
             Some(_) => Event::Dropped,
             None => Event::Established,
         };
-        let mut message = self.message(origin, event, source, Some(target));
-        message.device_ident = device_ident;
+        let tags = Tags {
+            device: device_ident,
+            transport: None,
+        };
+        let mut message = self.message(origin, tags, event, source, Some(target));
         message.catchup = true;
         if let Some(close) = close {
             message.reason = Some(close.reason);
@@ -428,6 +418,7 @@ impl Journal {
     fn message<'a>(
         &self,
         origin: Origin,
+        tags: Tags<'a>,
         event: Event,
         source: Side,
         target: Option<&'a str>,
@@ -447,9 +438,9 @@ impl Journal {
             reason: None,
             bytes_received: None,
             bytes_sent: None,
-            device_ident: None,
+            device_ident: tags.device,
             catchup: false,
-            transport: None,
+            transport: tags.transport,
         }
     }
 
@@ -467,6 +458,16 @@ impl Journal {
             self.seal_batch();
         }
     }
+}
+
+/// What every message of one connection (or UDP session) carries besides
+/// its origin, the same on each of them: `device.ident` once the device is
+/// recognised (borrowed from the connection, which allocated it once), and
+/// `proxy.transport` for a UDP session. Two words, passed by value.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tags<'a> {
+    pub device: Option<&'a str>,
+    pub transport: Option<&'static str>,
 }
 
 /// How a catch-up delivery ended, for its event 2.
@@ -535,7 +536,7 @@ mod tests {
     #[test]
     fn a_batch_waits_for_its_age_then_goes() {
         let (mut journal, receiver) = journal(4);
-        journal.connected(origin(), Side::Device, None);
+        journal.connected(origin(), Tags::default(), Side::Device, None);
         let start = Instant::now();
         journal.settle(start);
         assert!(receiver.is_empty(), "a young batch stays");
@@ -552,7 +553,7 @@ mod tests {
         let payload = vec![7u8; 16 * 1024];
         let later = Instant::now() + BATCH_AGE * 2;
         for _ in 0..2 {
-            journal.data(origin(), Side::Device, None, &payload);
+            journal.data(origin(), Tags::default(), Side::Device, None, &payload);
             journal.charge(&mut busy, payload.len() * 2);
             journal.settle(later);
         }
@@ -581,7 +582,7 @@ mod tests {
         let payload = vec![1u8; 256 * 1024];
         let later = Instant::now() + BATCH_AGE * 2;
         while journal.held_bytes < HELD_BYTES {
-            journal.data(origin(), Side::Device, None, &payload);
+            journal.data(origin(), Tags::default(), Side::Device, None, &payload);
             journal.settle(later);
         }
         assert!(!journal.may_read(&Recorded::default()));

@@ -1,9 +1,19 @@
 //! Which messages a viewer or replay run looks at: `--ident`, `--peer`,
-//! `--source`, `--event`, `--since`, `--until`, combined with "and".
+//! `--source`, `--event`, `--since`, `--until`, `--device`, combined with
+//! "and".
 //!
 //! Times are RFC 3339 (`2026-11-26T10:00:00Z`, or with an offset) or a
 //! duration back from now (`15m`, `2h`, `7d`). `--since` is inclusive and
 //! `--until` exclusive.
+//!
+//! `--device D` takes whole connections: every message of an ident whose
+//! device was recognised as D, its messages from before the recognition
+//! (event 1, the first packets) included. A message carries
+//! `device.ident` only from the recognition on, so the idents of D are
+//! found first ([`DeviceConnections`], a first pass over the files) and
+//! the messages are then matched by ident.
+
+use std::collections::HashSet;
 
 use crate::net::side::Side;
 use crate::store::message::{Event, StoredMessage};
@@ -18,6 +28,9 @@ pub struct Filter {
     /// Seconds since the epoch.
     pub since: Option<f64>,
     pub until: Option<f64>,
+    /// `--device`: matched by connection, through [`DeviceConnections`],
+    /// not by [`Filter::matches`].
+    pub device: Option<String>,
 }
 
 /// A filter value that does not parse.
@@ -41,6 +54,7 @@ impl Filter {
         match option {
             "--ident" => self.ident = Some(value.to_ascii_lowercase()),
             "--peer" => self.peer = Some(value.to_string()),
+            "--device" => self.device = Some(value.to_string()),
             "--source" => {
                 let source = value.parse().ok().and_then(Side::from_source);
                 self.source =
@@ -74,18 +88,64 @@ impl Filter {
             && self.in_time(message.server_timestamp)
     }
 
-    /// For replay: whether a recorded connection, by its ident, peer and
-    /// start time, is selected.
-    pub fn matches_connection(&self, ident: &str, peer: &str, started: f64) -> bool {
+    /// For replay: whether a recorded connection, by its ident, peer,
+    /// start time and device (if it was recognised), is selected.
+    pub fn matches_connection(
+        &self,
+        ident: &str,
+        peer: &str,
+        started: f64,
+        device: Option<&str>,
+    ) -> bool {
         self.ident.as_deref().is_none_or(|i| ident == i)
             && self.peer.as_deref().is_none_or(|p| peer_matches(peer, p))
             && self.in_time(started)
+            && self.device.as_deref().is_none_or(|d| device == Some(d))
     }
 
     /// Whether a time falls within `--since` and `--until`.
     pub fn in_time(&self, time: f64) -> bool {
         self.since.is_none_or(|since| time >= since) && self.until.is_none_or(|until| time < until)
     }
+}
+
+/// The connections (idents) whose device was recognised as `--device`'s.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceConnections {
+    device: String,
+    idents: HashSet<String>,
+}
+
+impl DeviceConnections {
+    /// `None` without `--device`.
+    pub fn of(filter: &Filter) -> Option<DeviceConnections> {
+        let device = filter.device.clone()?;
+        Some(DeviceConnections {
+            device,
+            idents: HashSet::new(),
+        })
+    }
+
+    /// Notes the message's connection if the message names the device.
+    pub fn note(&mut self, message: &StoredMessage<'_>) {
+        if message.device_ident.as_deref() == Some(self.device.as_str())
+            && !self.idents.contains(message.ident.as_ref())
+        {
+            self.idents.insert(message.ident.to_string());
+        }
+    }
+
+    /// Whether the connection `ident` is one of the device's.
+    pub fn contains(&self, ident: &str) -> bool {
+        self.idents.contains(ident)
+    }
+}
+
+/// Whether a raw message line may name a device: the first pass over the
+/// files parses only those.
+pub fn may_name_device(line: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"device.ident\":";
+    line.windows(KEY.len()).any(|window| window == KEY)
 }
 
 const TIME_EXPECTED: &str =
@@ -201,5 +261,23 @@ mod tests {
                 .contains("RFC 3339")
         );
         assert_eq!(f.set("--text", "", 0.0), Ok(false));
+    }
+
+    #[test]
+    fn a_device_is_matched_by_connection() {
+        let filter = filter(&[("--device", "359586015829802")]);
+        assert!(filter.matches(&message("a:1", 0, 1, 1.0)), "not by message");
+        let mut devices = DeviceConnections::of(&filter).expect("--device");
+        let line = r#"{"channel.id":1,"protocol.id":0,"ident":"00000000000000bb","peer":"a:1","proxy.event":0,"proxy.source":0,"server.timestamp":1.0,"timestamp":1.0,"device.ident":"359586015829802"}"#;
+        assert!(may_name_device(line.as_bytes()));
+        assert!(!may_name_device(b"{\"ident\":\"00000000000000bb\"}"));
+        let named: StoredMessage<'_> = serde_json::from_str(line).unwrap();
+        devices.note(&message("a:1", 0, 1, 1.0));
+        devices.note(&named);
+        assert!(devices.contains("00000000000000bb"));
+        assert!(!devices.contains("00000000000000aa"));
+        assert!(filter.matches_connection("00000000000000bb", "a:1", 1.0, Some("359586015829802")));
+        assert!(!filter.matches_connection("00000000000000bb", "a:1", 1.0, Some("1")));
+        assert!(!filter.matches_connection("00000000000000bb", "a:1", 1.0, None));
     }
 }

@@ -77,6 +77,8 @@ struct Recorded {
     gap: Option<String>,
     /// A UDP session: replayed as datagrams.
     udp: bool,
+    /// Its `device.ident`, if its device was recognised.
+    device: Option<String>,
 }
 
 /// Where one source-0 data line is.
@@ -208,7 +210,8 @@ impl Index {
         let mut skipped = 0;
         for (_, mut recorded) in self.by_ident {
             let started = recorded.started.unwrap_or(0.0);
-            if !filter.matches_connection(&recorded.ident, &recorded.peer, started) {
+            let device = recorded.device.as_deref();
+            if !filter.matches_connection(&recorded.ident, &recorded.peer, started, device) {
                 continue;
             }
             if self.unattributed_damage && recorded.device_received.is_none() {
@@ -245,6 +248,9 @@ fn ident_in(bytes: &[u8]) -> Option<String> {
 
 fn note(recorded: &mut Recorded, message: &StoredMessage<'_>, file: usize, offset: u64) {
     recorded.udp |= message.transport.as_deref() == Some(UDP);
+    if recorded.device.is_none() {
+        recorded.device = message.device_ident.as_deref().map(str::to_string);
+    }
     match message.event {
         Event::Established => recorded.started = Some(message.server_timestamp),
         Event::Data => {

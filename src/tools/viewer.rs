@@ -11,6 +11,12 @@
 //! keeps reading the current file and, when it is rotated, shows every
 //! file rotated since (several rotations may fall between two looks), in
 //! rotation order, before it moves on to the new current file.
+//!
+//! `--device D` shows whole connections: the files are read twice, first
+//! to find the idents whose device was recognised as D, then to show
+//! their messages (those from before the recognition too). When
+//! following, a connection that is recognised as D later is shown from
+//! the message that names its device on.
 
 use std::borrow::Cow;
 use std::io::{self, Write};
@@ -22,7 +28,7 @@ use jiff::tz::TimeZone;
 use crate::net::side::Side;
 use crate::store::message::{Event, Micros, StoredMessage};
 use crate::store::rotation::CURRENT;
-use crate::tools::filter::Filter;
+use crate::tools::filter::{DeviceConnections, Filter, may_name_device};
 use crate::tools::reader::{
     LineReader, ReadError, RotationKey, identity_of, is_terminal_control, message_files, printable,
     report_skipped, rotated_since, rotation_key,
@@ -56,13 +62,18 @@ pub struct ViewSummary {
 
 /// Shows the messages of `options.paths` on `out`.
 pub fn run(options: &ViewOptions, out: &mut dyn Write) -> Result<ViewSummary, ReadError> {
+    let files = message_files(&options.paths)?;
+    let devices = match DeviceConnections::of(&options.filter) {
+        Some(devices) => Some(find_device_connections(&files, devices)?),
+        None => None,
+    };
     let mut viewer = Viewer {
         options,
         printer: Printer::new(options.format, options.color),
         summary: ViewSummary::default(),
+        devices,
         out,
     };
-    let files = message_files(&options.paths)?;
     let follow = options.follow.then(|| follow_path(&options.paths, &files));
     // The newest rotated file of the followed folder shown from the start.
     let seen = follow.as_ref().and_then(|path| {
@@ -89,6 +100,31 @@ pub fn run(options: &ViewOptions, out: &mut dyn Write) -> Result<ViewSummary, Re
     Ok(viewer.summary)
 }
 
+/// The first pass of `--device`: the connections of the device in `files`.
+/// Lines that cannot be read are left to the second pass to report.
+fn find_device_connections(
+    files: &[PathBuf],
+    mut devices: DeviceConnections,
+) -> Result<DeviceConnections, ReadError> {
+    for file in files {
+        let mut reader = match LineReader::open(file) {
+            Ok(reader) => reader,
+            // Rotated away meanwhile: the second pass says so if it matters.
+            Err(e) if e.source.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        while let Some(line) = reader.next_line()? {
+            if !may_name_device(line.bytes) {
+                continue;
+            }
+            if let Ok(message) = StoredMessage::parse(line.bytes) {
+                devices.note(&message);
+            }
+        }
+    }
+    Ok(devices)
+}
+
 /// The folder whose rotated files the followed `path` becomes: its own
 /// folder when it is a current file (`messages.jsonl`).
 fn rotation_folder(path: &Path) -> Option<&Path> {
@@ -113,6 +149,8 @@ struct Viewer<'a> {
     options: &'a ViewOptions,
     printer: Printer,
     summary: ViewSummary,
+    /// With `--device`: the device's connections found so far.
+    devices: Option<DeviceConnections>,
     out: &'a mut dyn Write,
 }
 
@@ -124,7 +162,7 @@ impl Viewer<'_> {
         while let Some(line) = reader.next_line()? {
             let number = line.number;
             let shown = match StoredMessage::parse(line.bytes) {
-                Ok(message) if self.options.filter.matches(&message) => {
+                Ok(message) if self.selects(&message) => {
                     self.printer.print(&mut *self.out, &message, line.bytes)
                 }
                 Ok(_) => Ok(false),
@@ -148,6 +186,19 @@ impl Viewer<'_> {
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(false),
             Err(e) => Err(ReadError::new(Path::new("<stdout>"), e)),
         }
+    }
+
+    /// Whether the message is shown: it passes the filters and, with
+    /// `--device`, its connection is one of the device's (noting the ones
+    /// that name it as they come, when following).
+    fn selects(&mut self, message: &StoredMessage<'_>) -> bool {
+        if let Some(devices) = &mut self.devices {
+            devices.note(message);
+            if !devices.contains(&message.ident) {
+                return false;
+            }
+        }
+        self.options.filter.matches(message)
     }
 
     fn report_partial(&mut self, reader: &LineReader) {

@@ -41,6 +41,7 @@ const KNOWN_KEYS: &[&str] = &[
     "proxy.reason",
     "proxy.bytes.received",
     "proxy.bytes.sent",
+    "device.ident",
     "proxy.catchup",
     "proxy.transport",
 ];
@@ -336,6 +337,16 @@ fn check_message(m: &Value) {
             m.get(key).is_some(),
             is_drop,
             "{key} must be there exactly for event 2 in {m}"
+        );
+    }
+    if let Some(device) = m.get("device.ident") {
+        assert!(
+            device.as_str().is_some_and(|d| !d.is_empty()),
+            "device.ident must be a non-empty string in {m}"
+        );
+        assert!(
+            !(source_n == 0 && event_n == 1),
+            "the device's event 1 never names the device: {m}"
         );
     }
 }

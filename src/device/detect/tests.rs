@@ -247,3 +247,19 @@ fn a_detection_is_small_until_bytes_arrive() {
     assert!(size <= 40, "{size} bytes");
     assert_eq!(Detection::new(Instant::now()).held_bytes(), 0);
 }
+
+#[test]
+fn the_end_of_stream_ends_detection_with_a_last_look_for_the_regex() {
+    let now = Instant::now();
+    let regex = set("off", Some(r"id=(\d+)"));
+    let mut detection = Detection::new(now);
+    assert_eq!(detection.feed(&regex, b"id=42", now), None, "may go on");
+    assert_eq!(detection.finish(&regex), found("42"));
+    assert_eq!(detection.finish(&regex), None, "ends once");
+
+    let auto = set("auto", None);
+    let mut detection = Detection::new(now);
+    assert_eq!(detection.feed(&auto, b"\x00\x0F3563", now), None);
+    assert_eq!(detection.finish(&auto), gave_up(GiveUp::StreamEnded));
+    assert_eq!(detection.held_bytes(), 0);
+}

@@ -31,13 +31,16 @@ impl Connection {
                 ctx.received(Side::Device, n);
                 ctx.journal.charge_packet(&mut self.recorded, n);
                 let packet = &buffer[..n];
-                ctx.journal.data(self.origin, Side::Device, None, packet);
+                self.recognise(packet, ctx);
+                ctx.journal
+                    .data(self.origin, self.tags(), Side::Device, None, packet);
                 self.forward_to_targets(packet, ctx);
                 true
             }
             ReadOutcome::WouldBlock => false,
             ReadOutcome::Closed => {
                 self.phase = Phase::ReadClosed;
+                self.stop_detection(ctx);
                 true
             }
             ReadOutcome::Failed(e) => {
@@ -78,9 +81,25 @@ impl Connection {
     ///   room can queue: the device goes at the pace of the fastest
     ///   target, which never overflows (nor does one alone);
     /// - with no target left, as much as one read takes.
+    ///
+    /// Targets waiting for the device to be recognised count with the
+    /// bytes held for them, except that a mandatory one stops the device
+    /// only once they fill a target's buffer: detection needs the bytes.
     fn device_read_limit(&self, settings: &Settings, buffer_len: usize) -> usize {
         let (mut mandatory, mut non_mandatory) = (false, false);
         let mut most_room = 0;
+        let mut one_read = buffer_len.min(settings.max_read);
+        if self.targets_wait() {
+            let (waiting_mandatory, waiting_other, room) = self.waiting_room(settings);
+            mandatory = waiting_mandatory;
+            non_mandatory = waiting_other;
+            if mandatory {
+                one_read = one_read.min(room);
+            }
+            if non_mandatory {
+                most_room = room;
+            }
+        }
         for (spec, link) in self.links(settings) {
             let queued = link.endpoint.queued();
             if spec.mandatory {
@@ -93,7 +112,6 @@ impl Connection {
                 most_room = most_room.max(settings.target_buffer.saturating_sub(queued));
             }
         }
-        let one_read = buffer_len.min(settings.max_read);
         match non_mandatory && !mandatory {
             true => one_read.min(most_room),
             false => one_read,

@@ -112,14 +112,18 @@ impl Connection {
         }
         // The header is the balancer's, not the device's.
         self.device.received = self.device.received.saturating_sub(length as u64);
-        ctx.journal.connected(self.origin, Side::Device, None);
+        ctx.journal
+            .connected(self.origin, self.tags(), Side::Device, None);
         // Device bytes that came with the header were received before any
-        // target was tried: stored first, forwarded once targets exist.
+        // target was tried: looked at by detection and stored first,
+        // forwarded once targets exist.
         let rest = &wait.bytes[length..];
         if !rest.is_empty() {
             self.last_activity = ctx.now;
             ctx.received(Side::Device, rest.len());
-            ctx.journal.data(self.origin, Side::Device, None, rest);
+            self.recognise(rest, ctx);
+            ctx.journal
+                .data(self.origin, self.tags(), Side::Device, None, rest);
         }
         if relayed {
             self.connect_targets(ctx);
@@ -138,7 +142,8 @@ impl Connection {
             self.origin.ident,
             self.origin.peer
         );
-        ctx.journal.connected(self.origin, Side::Device, None);
+        ctx.journal
+            .connected(self.origin, self.tags(), Side::Device, None);
         let why = Reason::BadProxyHeader(why.into());
         self.end(why.clone(), why, false);
     }

@@ -11,7 +11,7 @@ use crate::net::side::TargetId;
 pub struct ConnectionReport {
     pub ident: String,
     pub peer: String,
-    /// The device's ident, once recognised (none yet: always `None`).
+    /// The device's ident, once recognised.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
     pub age_seconds: f64,
@@ -60,7 +60,7 @@ impl Connection {
         ConnectionReport {
             ident: self.origin.ident.to_string(),
             peer: self.origin.peer.to_string(),
-            device: None,
+            device: self.recognition.ident().map(ToString::to_string),
             age_seconds: now.duration_since(self.opened_at).as_secs_f64(),
             idle_seconds: now.duration_since(self.last_activity).as_secs_f64(),
             bytes_received: self.device.received,

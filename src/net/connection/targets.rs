@@ -33,12 +33,13 @@ impl Connection {
                     let why = ending.target_reason.clone();
                     self.target_failed_early(spec, why, ctx);
                 }
+                _ if ctx.settings.devices.has_list(spec.id) => self.await_device(spec, ctx),
                 _ => self.connect_target(spec, ctx),
             }
         }
     }
 
-    fn connect_target(&mut self, spec: &TargetSpec, ctx: &mut Context<'_>) {
+    pub(super) fn connect_target(&mut self, spec: &TargetSpec, ctx: &mut Context<'_>) {
         if let Some(used) = &spec.used {
             used.store(true, Ordering::Relaxed);
         }
@@ -133,7 +134,7 @@ impl Connection {
         };
         let side = Side::Target(spec.id);
         ctx.journal
-            .dropped(self.origin, side, Some(&spec.label), &closed);
+            .dropped(self.origin, self.tags(), side, Some(&spec.label), &closed);
         ctx.counters.drop_of(side, &why);
         if spec.mandatory {
             let whole = Reason::MandatoryFailed(spec.id);
@@ -160,8 +161,11 @@ impl Connection {
                     link.state = LinkState::Open;
                     self.last_activity = ctx.now;
                     let spec = target_spec(ctx.settings, target);
+                    let side = Side::Target(target);
+                    // The link is borrowed: the tags from their own field.
+                    let tags = self.recognition.tags();
                     ctx.journal
-                        .connected(self.origin, Side::Target(target), Some(&spec.label));
+                        .connected(self.origin, tags, side, Some(&spec.label));
                     moved = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => {
@@ -219,6 +223,7 @@ impl Connection {
                 Err(e) => self.target_failed(target, Reason::io(&e), ctx),
             }
         }
+        self.hold(packet);
     }
 
     pub(super) fn read_targets(&mut self, ctx: &mut Context<'_>, buffer: &mut [u8]) -> bool {
@@ -279,7 +284,7 @@ impl Connection {
     fn relay_reply(&mut self, spec: &TargetSpec, packet: &[u8], ctx: &mut Context<'_>) {
         let side = Side::Target(spec.id);
         ctx.journal
-            .data(self.origin, side, Some(&spec.label), packet);
+            .data(self.origin, self.tags(), side, Some(&spec.label), packet);
         match self.device.send(packet) {
             Ok(written) => ctx.sent(Side::Device, written),
             Err(e) => self.end(Reason::io(&e), Reason::DeviceFailed, false),
@@ -323,7 +328,7 @@ impl Connection {
         };
         let side = Side::Target(target);
         ctx.journal
-            .dropped(self.origin, side, Some(&spec.label), &closed);
+            .dropped(self.origin, self.tags(), side, Some(&spec.label), &closed);
         ctx.counters.drop_of(side, why);
     }
 

@@ -44,6 +44,7 @@ use crate::control::stats::{self, Counters, Refusal, UdpDrop};
 use crate::net::admission::Admission;
 use crate::net::connection::{ConnectionReport, Settings, TargetAddresses};
 use crate::net::reason::Reason;
+use crate::net::worker::close_level;
 use crate::store::journal::Journal;
 use crate::store::message::{Ident, IdentGenerator};
 
@@ -257,9 +258,10 @@ impl UdpSessions {
             journal,
             settings: &self.settings,
             counters: &self.counters,
+            worker: self.worker,
             now,
         };
-        session.take_device_datagram(&self.buffer[..arrival.len], &mut ctx);
+        session.take_device_datagram(&self.buffer[..arrival.len], addresses, &mut ctx);
         if session.is_ending() {
             self.finish(slot, journal, now);
         }
@@ -305,6 +307,7 @@ impl UdpSessions {
             journal,
             settings: &self.settings,
             counters: &self.counters,
+            worker: self.worker,
             now,
         };
         entry.insert(Session::open(
@@ -333,6 +336,7 @@ impl UdpSessions {
                 journal,
                 settings: &self.settings,
                 counters: &self.counters,
+                worker: self.worker,
                 now,
             };
             let listener = &self.listeners[session.listener].listener.socket;
@@ -347,9 +351,15 @@ impl UdpSessions {
         }
     }
 
-    /// Ends the sessions silent for the idle limit (`idle timeout`), and
-    /// counts the datagrams the kernel dropped since the last look.
-    pub fn check_timers(&mut self, journal: &mut Journal, now: Instant) {
+    /// Ends the sessions silent for the idle limit (`idle timeout`) and
+    /// the detection of devices not recognised in time, and counts the
+    /// datagrams the kernel dropped since the last look.
+    pub fn check_timers(
+        &mut self,
+        journal: &mut Journal,
+        addresses: &TargetAddresses,
+        now: Instant,
+    ) {
         for listening in &mut self.listeners {
             // A kernel without SO_MEMINFO: the datagrams' own counts remain.
             if let Ok(count) = listening.listener.read_drops() {
@@ -367,6 +377,17 @@ impl UdpSessions {
             self.sessions[slot].end(Reason::IdleTimeout, Reason::IdleTimeout);
             self.finish(slot, journal, now);
         }
+        let mut ctx = Ctx {
+            registry: &self.registry,
+            journal,
+            settings: &self.settings,
+            counters: &self.counters,
+            worker: self.worker,
+            now,
+        };
+        for (_, session) in self.sessions.iter_mut() {
+            session.check_detection(addresses, &mut ctx);
+        }
     }
 
     /// Ends every session (reason `why`): at shutdown.
@@ -378,8 +399,15 @@ impl UdpSessions {
         }
     }
 
-    /// Ends the session with `ident` (`closed by operator`), if it is here.
-    pub fn close_ident(&mut self, ident: Ident, journal: &mut Journal, now: Instant) -> bool {
+    /// Ends the session with `ident` for `why` (`closed by operator`,
+    /// `replaced by a newer connection`), if it is here.
+    pub fn close_ident(
+        &mut self,
+        ident: Ident,
+        why: Reason,
+        journal: &mut Journal,
+        now: Instant,
+    ) -> bool {
         let found = self
             .sessions
             .iter()
@@ -388,8 +416,7 @@ impl UdpSessions {
         let Some(slot) = found else {
             return false;
         };
-        log::info!("[worker {}] {ident}: closed by operator", self.worker);
-        let why = Reason::ClosedByOperator;
+        log::log!(close_level(&why), "[worker {}] {ident}: {why}", self.worker);
         self.sessions[slot].end(why.clone(), why);
         self.finish(slot, journal, now);
         true
@@ -411,6 +438,7 @@ impl UdpSessions {
             journal,
             settings: &self.settings,
             counters: &self.counters,
+            worker: self.worker,
             now,
         };
         session.finish(&mut ctx);

@@ -5,9 +5,19 @@
 //! - the device's event 1 is the session's first message and its event 2
 //!   its last; each target gets event 1 when its socket opens (or event 2
 //!   alone when it cannot) and always an event 2;
-//! - every message of the session carries `proxy.transport: "udp"`;
-//! - a datagram is never queued: what a socket does not take at once is
-//!   dropped and counted by cause (UDP has no backpressure to apply);
+//! - every message of the session carries `proxy.transport: "udp"`, and
+//!   `device.ident` from the datagram that revealed it on (its event 0
+//!   included; never its device's event 1);
+//! - a datagram is never queued towards a socket: what a socket does not
+//!   take at once is dropped and counted by cause (UDP has no backpressure
+//!   to apply). The one exception is a target with a device list, which
+//!   gets its socket only once the device is recognised as listed (each
+//!   datagram is looked at until then, within the detection window): the
+//!   datagrams before that are held for it (fewer than 1 KiB in all:
+//!   detection ends once that many bytes have arrived), and it gets them
+//!   first (see `identify`). A device not listed, or not recognised
+//!   within the window, gives such a target one event 2,
+//!   `device not listed`, with counts 0 and no event 1;
 //! - a target whose socket reports ICMP unreachable is dropped like a failed
 //!   TCP target: a mandatory one ends the session.
 
@@ -23,6 +33,7 @@ use mio::{Interest, Registry, Token};
 use super::wire::LocalAddress;
 use crate::config::MAX_TARGETS;
 use crate::control::stats::{self, Counters, UdpDrop};
+use crate::device::Ident;
 use crate::net::admission::Permit;
 use crate::net::connection::{
     ConnectionReport, Settings, TargetAddresses, TargetReport, TargetSpec,
@@ -42,24 +53,14 @@ use crate::store::message::{Origin, UDP};
 const BURST: u32 = 1_000;
 const REFILL_EVERY_MS: u32 = 1;
 
-/// Detection of the device ident ends after this many device bytes or
-/// this long without a match, as for TCP (SPEC, Devices).
-const DETECTION_BYTES: u64 = 1024;
-const DETECTION_TIME: Duration = Duration::from_secs(5);
-
-/// The device ident in a datagram, if a detector recognises it.
-fn detect_ident(first_datagram: &[u8]) -> Option<String> {
-    // wired to device::detect by the lead
-    let _ = first_datagram;
-    None
-}
-
 /// The worker's things a session uses while it runs.
 pub struct Ctx<'a> {
     pub registry: &'a Registry,
     pub journal: &'a mut Journal,
     pub settings: &'a Settings,
     pub counters: &'a Counters,
+    /// The worker's id, to name where a session lives.
+    pub worker: usize,
     pub now: Instant,
 }
 
@@ -127,9 +128,19 @@ pub struct Session {
     sent: u64,
     targets: [Option<TargetSocket>; MAX_TARGETS],
     pub bucket: Bucket,
+    /// Its slot on the worker and how its sockets' tokens are made, for
+    /// the sockets opened once the device is recognised.
+    slot: usize,
+    token_of: TokenOf,
     /// The device's own identifier, once a detector recognised it.
-    device_ident: Option<String>,
+    device: Option<Ident>,
+    /// Datagrams are still looked at for the device's ident.
     detecting: bool,
+    /// Targets with a device list waiting for detection to end, bit
+    /// [`TargetId::index`] of each; never set once it has ended.
+    waiting: u8,
+    /// The datagrams so far, while a target waits.
+    held: Vec<Vec<u8>>,
     ending: Option<Ending>,
     /// Its place under the connection limits, given back when it is dropped.
     _permit: Permit,
@@ -176,28 +187,30 @@ impl Session {
             sent: 0,
             targets: Default::default(),
             bucket: Bucket::full(opening.now_ms),
-            device_ident: None,
-            detecting: true,
+            slot,
+            token_of,
+            device: None,
+            detecting: !ctx.settings.devices.detectors().is_off(),
+            waiting: 0,
+            held: Vec::new(),
             ending: None,
             _permit: opening.permit,
         };
         ctx.journal
-            .connected_via(session.origin, Side::Device, None, Some(UDP));
+            .connected(session.origin, session.tags(), Side::Device, None);
         stats::add(&ctx.counters.udp_opened, 1);
         for spec in ctx.settings.targets.iter().flatten() {
-            session.open_target(spec, slot, token_of, addresses, ctx);
+            match ctx.settings.devices.has_list(spec.id) {
+                true if session.detecting => session.waiting |= identify::bit(spec.id),
+                true => session.not_listed(spec, ctx),
+                false => session.open_target(spec, addresses, ctx),
+            }
         }
         session
     }
 
-    fn open_target(
-        &mut self,
-        spec: &TargetSpec,
-        slot: usize,
-        token_of: TokenOf,
-        addresses: &TargetAddresses,
-        ctx: &mut Ctx<'_>,
-    ) {
+    fn open_target(&mut self, spec: &TargetSpec, addresses: &TargetAddresses, ctx: &mut Ctx<'_>) {
+        let (slot, token_of) = (self.slot, self.token_of);
         let index = spec.id.index();
         if let Some(used) = &spec.used {
             used.store(true, Ordering::Relaxed);
@@ -220,11 +233,11 @@ impl Session {
                     ready: false,
                     queued: false,
                 });
-                ctx.journal.connected_via(
+                ctx.journal.connected(
                     self.origin,
+                    self.tags(),
                     Side::Target(spec.id),
                     Some(&spec.label),
-                    Some(UDP),
                 );
             }
             Err(e) => self.target_failed_early(spec, Reason::connect_failed(&e), ctx),
@@ -239,12 +252,12 @@ impl Session {
             received: 0,
             sent: 0,
         };
-        ctx.journal.dropped_via(
+        ctx.journal.dropped(
             self.origin,
+            self.tags(),
             Side::Target(spec.id),
             Some(&spec.label),
             &closed,
-            Some(UDP),
         );
         ctx.counters.drop_of(Side::Target(spec.id), &why);
         if spec.mandatory {
@@ -253,56 +266,53 @@ impl Session {
         }
     }
 
-    /// One datagram from the device: recorded, then sent on to each target
-    /// (unless the session is ending: a mandatory target could not be
-    /// opened for its first datagram).
-    pub fn take_device_datagram(&mut self, payload: &[u8], ctx: &mut Ctx<'_>) {
+    /// One datagram from the device: looked at by detection, recorded,
+    /// then sent on to each target (unless the session is ending: a
+    /// mandatory target could not be opened for its first datagram).
+    pub fn take_device_datagram(
+        &mut self,
+        payload: &[u8],
+        addresses: &TargetAddresses,
+        ctx: &mut Ctx<'_>,
+    ) {
         self.last_activity = ctx.now;
         self.received += payload.len() as u64;
         stats::add(&ctx.counters.bytes_received[0], payload.len() as u64);
         stats::add(&ctx.counters.packets[0], 1);
-        self.detect(payload, ctx.now);
+        if self.detecting {
+            self.detect(payload, addresses, ctx);
+        }
         ctx.journal
-            .data_via(self.origin, Side::Device, None, payload, Some(UDP));
+            .data(self.origin, self.tags(), Side::Device, None, payload);
         if self.ending.is_some() {
             return;
         }
         for index in 0..MAX_TARGETS {
-            let Some(target) = &mut self.targets[index] else {
-                continue;
-            };
-            match target.socket.send(payload) {
-                Ok(n) => {
-                    target.sent += n as u64;
-                    stats::add(&ctx.counters.bytes_sent[index + 1], n as u64);
-                }
-                Err(e) if is_unreachable(&e) => self.target_failed(index, Reason::io(&e), ctx),
-                Err(e) => {
-                    debug!(
-                        "{}: a datagram for UDP target {} was dropped: {e}",
-                        self.origin.ident,
-                        index + 1
-                    );
-                    ctx.counters.udp_drop(UdpDrop::TargetSendFailed, 1);
-                }
-            }
+            self.send_to_target(index, payload, ctx);
+        }
+        if self.waiting != 0 {
+            self.held.push(payload.to_vec());
         }
     }
 
-    fn detect(&mut self, payload: &[u8], now: Instant) {
-        if !self.detecting {
+    fn send_to_target(&mut self, index: usize, payload: &[u8], ctx: &mut Ctx<'_>) {
+        let Some(target) = &mut self.targets[index] else {
             return;
-        }
-        if let Some(ident) = detect_ident(payload) {
-            self.detecting = false;
-            self.device_ident = Some(ident);
-            debug!(
-                "{}: recognised as device {}",
-                self.origin.ident,
-                self.device_ident.as_deref().unwrap_or_default()
-            );
-        } else if self.received >= DETECTION_BYTES || now >= self.opened_at + DETECTION_TIME {
-            self.detecting = false;
+        };
+        match target.socket.send(payload) {
+            Ok(n) => {
+                target.sent += n as u64;
+                stats::add(&ctx.counters.bytes_sent[index + 1], n as u64);
+            }
+            Err(e) if is_unreachable(&e) => self.target_failed(index, Reason::io(&e), ctx),
+            Err(e) => {
+                debug!(
+                    "{}: a datagram for UDP target {} was dropped: {e}",
+                    self.origin.ident,
+                    index + 1
+                );
+                ctx.counters.udp_drop(UdpDrop::TargetSendFailed, 1);
+            }
         }
     }
 
@@ -364,12 +374,12 @@ impl Session {
             let spec = target_spec(ctx.settings, index);
             if spec.replies {
                 let reply = &buffer[..n];
-                ctx.journal.data_via(
+                ctx.journal.data(
                     self.origin,
+                    self.tags(),
                     Side::Target(spec.id),
                     Some(&spec.label),
                     reply,
-                    Some(UDP),
                 );
                 self.relay_to_device(reply, listener, ctx);
             }
@@ -421,12 +431,12 @@ impl Session {
             received: target.received,
             sent: target.sent,
         };
-        ctx.journal.dropped_via(
+        ctx.journal.dropped(
             self.origin,
+            self.tags(),
             Side::Target(spec.id),
             Some(&spec.label),
             &closed,
-            Some(UDP),
         );
         ctx.counters.drop_of(Side::Target(spec.id), why);
     }
@@ -457,6 +467,8 @@ impl Session {
             reason: Reason::Shutdown,
             target_reason: Reason::Shutdown,
         });
+        // Ended before its device was known: not listed where it waited.
+        self.forget_device(ctx);
         for index in 0..MAX_TARGETS {
             self.drop_target(index, &ending.target_reason, ctx);
         }
@@ -466,7 +478,7 @@ impl Session {
             sent: self.sent,
         };
         ctx.journal
-            .dropped_via(self.origin, Side::Device, None, &closed, Some(UDP));
+            .dropped(self.origin, self.tags(), Side::Device, None, &closed);
         ctx.counters.drop_of(Side::Device, &ending.reason);
         stats::add(&ctx.counters.udp_closed, 1);
     }
@@ -495,7 +507,7 @@ impl Session {
             bytes_sent: self.sent,
             queued: 0,
             targets,
-            device: self.device_ident.clone(),
+            device: self.device.as_ref().map(ToString::to_string),
             transport: Some(UDP.to_string()),
         }
     }
@@ -534,6 +546,8 @@ fn target_spec(settings: &Settings, index: usize) -> &TargetSpec {
         .as_ref()
         .expect("a session only has sockets to configured targets")
 }
+
+mod identify;
 
 #[cfg(test)]
 mod tests {
