@@ -20,8 +20,8 @@ use log::{debug, error, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use crate::control::stats::{self, Counters, Refusal};
-use crate::net::admission::Admission;
+use crate::control::stats::{self, Counters};
+use crate::net::admission::{Admission, RefusalLog};
 use crate::net::worker::{Command, WorkerHandle};
 use crate::store::message::{IdentGenerator, Origin};
 
@@ -29,8 +29,6 @@ const WAKER: Token = Token(usize::MAX);
 /// How long accepting pauses after the process ran out of descriptors.
 const EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
 const EXHAUSTED_WARN_EVERY: Duration = Duration::from_secs(10);
-/// Refusals are logged at most this often (a flood must not fill the log).
-const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Stops the acceptor from another thread.
 pub struct AcceptorHandle {
@@ -60,30 +58,6 @@ pub struct Acceptor {
     paused_until: Option<Instant>,
     last_exhausted_warning: Option<Instant>,
     refusal_log: RefusalLog,
-}
-
-/// Logs refusals at most once a minute, saying how many went unlogged.
-#[derive(Default)]
-struct RefusalLog {
-    last: Option<Instant>,
-    unlogged: u64,
-}
-
-impl RefusalLog {
-    fn note(&mut self, peer: SocketAddr, cause: Refusal) {
-        let now = Instant::now();
-        if self.last.is_some_and(|last| now < last + REFUSAL_LOG_EVERY) {
-            self.unlogged += 1;
-            return;
-        }
-        let earlier = std::mem::take(&mut self.unlogged);
-        self.last = Some(now);
-        warn!(
-            "refused a device connection from {peer}: {} ({earlier} more refused since the last such line; \
-             ctl stats counts them by cause)",
-            cause.describe()
-        );
-    }
 }
 
 /// Everything the acceptor starts with.
@@ -118,7 +92,7 @@ impl Acceptor {
             stop: Arc::clone(&stop),
             paused_until: None,
             last_exhausted_warning: None,
-            refusal_log: RefusalLog::default(),
+            refusal_log: RefusalLog::new("refused a device connection"),
         };
         let thread = std::thread::Builder::new()
             .name("acceptor".into())

@@ -10,9 +10,12 @@
 //! PROXY_MAX_CONNECTIONS.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use log::warn;
 
 use crate::config::Config;
 use crate::control::stats::Refusal;
@@ -98,6 +101,44 @@ impl Admission {
                 }
             }
         }
+    }
+}
+
+/// Refusals are logged at most this often: a flood must not fill the log.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Logs refusals at most once a minute, saying how many went unlogged
+/// (`ctl stats` and the metrics count every one).
+pub struct RefusalLog {
+    /// What a refusal does: "refused a device connection".
+    what: &'static str,
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    pub fn new(what: &'static str) -> RefusalLog {
+        RefusalLog {
+            what,
+            last: None,
+            unlogged: 0,
+        }
+    }
+
+    pub fn note(&mut self, peer: SocketAddr, cause: Refusal) {
+        let now = Instant::now();
+        if self.last.is_some_and(|last| now < last + REFUSAL_LOG_EVERY) {
+            self.unlogged += 1;
+            return;
+        }
+        let earlier = std::mem::take(&mut self.unlogged);
+        self.last = Some(now);
+        warn!(
+            "{} from {peer}: {} ({earlier} more since the last such line; ctl stats counts them \
+             by cause)",
+            self.what,
+            cause.describe()
+        );
     }
 }
 

@@ -36,12 +36,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{debug, warn};
+use log::debug;
 use mio::{Interest, Registry, Token};
 use slab::Slab;
 
-use crate::control::stats::{self, Counters, Refusal, UdpDrop};
-use crate::net::admission::Admission;
+use crate::control::stats::{self, Counters, UdpDrop};
+use crate::net::admission::{Admission, RefusalLog};
 use crate::net::connection::{ConnectionReport, Settings, TargetAddresses};
 use crate::net::reason::Reason;
 use crate::net::worker::close_level;
@@ -66,8 +66,6 @@ const TARGET_BUDGET: usize = 32;
 const SILENCE_LIMIT: Duration = Duration::from_secs(600);
 /// The largest UDP payload (IPv6 without jumbograms: 65,527 bytes).
 const MAX_DATAGRAM: usize = 65_536;
-/// Refused addresses are logged at most this often.
-const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Whether `token` belongs to this module (the worker's dispatch).
 pub fn is_udp_token(token: Token) -> bool {
@@ -166,7 +164,7 @@ impl UdpSessions {
             ready_targets: Vec::new(),
             clock: Instant::now(),
             buffer,
-            refusals: RefusalLog::default(),
+            refusals: RefusalLog::new("dropped a UDP datagram"),
         })
     }
 
@@ -447,31 +445,6 @@ impl UdpSessions {
     /// Milliseconds since the sessions' clock started, wrapping (49 days).
     fn millis(&self, now: Instant) -> u32 {
         now.duration_since(self.clock).as_millis() as u32
-    }
-}
-
-/// Logs refused addresses at most once a minute, saying how many went
-/// unlogged (a flood of new addresses must not fill the log).
-#[derive(Default)]
-struct RefusalLog {
-    last: Option<Instant>,
-    unlogged: u64,
-}
-
-impl RefusalLog {
-    fn note(&mut self, peer: SocketAddr, cause: Refusal) {
-        let now = Instant::now();
-        if self.last.is_some_and(|last| now < last + REFUSAL_LOG_EVERY) {
-            self.unlogged += 1;
-            return;
-        }
-        let earlier = std::mem::take(&mut self.unlogged);
-        self.last = Some(now);
-        warn!(
-            "dropped a UDP datagram from {peer}: {} ({earlier} more dropped since the last such \
-             line; ctl stats counts them by cause)",
-            cause.describe()
-        );
     }
 }
 
