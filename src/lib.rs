@@ -37,8 +37,11 @@
 //! [`tools::filter`]): the traffic [`tools::viewer`] and [`tools::replay`];
 //! [`cli`] parses their command lines.
 #![deny(rust_2018_idioms)]
+// The overview above and the folders' docs link internal modules: they are
+// for maintainers, built with `cargo doc --document-private-items`.
+#![allow(rustdoc::private_intra_doc_links)]
 
-pub mod catchup;
+pub(crate) mod catchup;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -47,4 +50,4 @@ pub mod device;
 pub mod net;
 pub mod store;
 pub mod tools;
-pub mod units;
+pub(crate) mod units;

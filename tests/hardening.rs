@@ -381,6 +381,9 @@ fn long_lines() -> Pace {
 /// every device's bytes must be there, once, in order.
 #[test]
 fn a_write_error_leaves_no_cut_line_when_the_file_is_then_removed() {
+    if !require(Need::Root, "mount a tmpfs to fill") {
+        return;
+    }
     let disk = Tmpfs::mount("4m");
     let mut daemon = disk.start_daemon();
     let current = daemon.messages_path();
@@ -435,6 +438,9 @@ fn a_write_error_leaves_no_cut_line_when_the_file_is_then_removed() {
 /// (and said), but the file is not left with a cut line at its end.
 #[test]
 fn a_write_error_at_shutdown_leaves_no_cut_line() {
+    if !require(Need::Root, "mount a tmpfs to fill") {
+        return;
+    }
     let disk = Tmpfs::mount("4m");
     let mut daemon = disk.start_daemon();
     let current = daemon.messages_path();

@@ -232,16 +232,12 @@ impl Index {
         self.starts.first().map_or(read, |(pos, _)| *pos).min(read)
     }
 
-    /// Run starts not passed yet.
-    pub fn boundaries(&self) -> impl Iterator<Item = Pos> + '_ {
-        self.boundaries.iter().copied()
-    }
-
     pub fn pending(&self) -> usize {
         self.pending.len()
     }
 
     /// Connections lost for missing lines so far.
+    #[cfg(test)]
     pub fn lost(&self) -> u64 {
         self.lost
     }

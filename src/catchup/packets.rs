@@ -50,10 +50,12 @@ impl PacketList {
         self.last = Some(packet.pos);
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.count
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }

@@ -179,13 +179,6 @@ pub fn find_pos(files: &Files, saved: &SavedPos) -> Option<Pos> {
     })
 }
 
-pub fn find_key(files: &Files, saved: &SavedKey) -> Option<Key> {
-    Some(Key {
-        end: find_pos(files, &saved.end)?,
-        start: find_pos(files, &saved.start)?,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

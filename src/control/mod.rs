@@ -4,7 +4,7 @@
 //! [`metrics`] file written from them.
 
 pub mod client;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod protocol;
-pub mod server;
+pub(crate) mod server;
 pub mod stats;

@@ -11,16 +11,16 @@
 //! connection open. [`udp`] holds the UDP
 //! devices' sessions, which live on the workers too.
 
-pub mod acceptor;
+pub(crate) mod acceptor;
 pub mod admission;
-pub mod allow;
+pub(crate) mod allow;
 pub mod connection;
-pub mod devices;
+pub(crate) mod devices;
 pub mod limits;
 pub mod proxy_header;
 pub mod reason;
-pub mod resolver;
+pub(crate) mod resolver;
 pub mod side;
-pub mod socket;
-pub mod udp;
+pub(crate) mod socket;
+pub(crate) mod udp;
 pub mod worker;

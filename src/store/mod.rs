@@ -8,6 +8,6 @@
 
 pub mod journal;
 pub mod message;
-pub mod rotation;
+pub(crate) mod rotation;
 pub(crate) mod syncer;
 pub mod writer;

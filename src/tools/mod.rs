@@ -3,6 +3,6 @@
 //! `--since` and `--until`, the traffic [`viewer`] and [`replay`].
 
 pub mod filter;
-pub mod reader;
+pub(crate) mod reader;
 pub mod replay;
 pub mod viewer;

@@ -137,7 +137,7 @@ pub struct Session {
     /// Datagrams are still looked at for the device's ident.
     detecting: bool,
     /// Targets with a device list waiting for detection to end, bit
-    /// [`TargetId::index`] of each; never set once it has ended.
+    /// [`TargetId::index`](crate::net::side::TargetId::index) of each; never set once it has ended.
     waiting: u8,
     /// The datagrams so far, while a target waits.
     held: Vec<Vec<u8>>,
