@@ -40,6 +40,10 @@ impl From<lexopt::Error> for UsageError {
 
 /// Parses the arguments after the program name.
 pub fn parse(args: Vec<OsString>) -> Result<Command, UsageError> {
+    // `proxy-channel view --help` (and so on): the one help page.
+    if args.iter().any(|arg| arg == "--help" || arg == "-h") {
+        return Ok(Command::Help);
+    }
     let mut parser = lexopt::Parser::from_args(args);
     let Some(first) = parser.next()? else {
         return Ok(Command::Run);
@@ -63,7 +67,6 @@ pub fn parse(args: Vec<OsString>) -> Result<Command, UsageError> {
 fn expect_end(parser: &mut lexopt::Parser) -> Result<(), UsageError> {
     match parser.next()? {
         None => Ok(()),
-        Some(Short('h') | Long("help")) => Err(UsageError("see proxy-channel --help".into())),
         Some(other) => Err(other.unexpected().into()),
     }
 }

@@ -141,6 +141,20 @@ fn assert_not_listed(log: &mut MessageLog, ident: &str, source_n: u64) {
         log.select(ident, source_n, 1).is_empty(),
         "{ident}: no event 1 for source {source_n}"
     );
+    // Lines keep the order of events: a device found not listed by a
+    // packet is so after that packet's event 0.
+    let messages = log.of_ident(ident);
+    let at = |found: &Value| messages.iter().position(|m| std::ptr::eq(*m, found));
+    let not_listed = at(dropped).expect("the event 2 among the ident's lines");
+    if let Some(named) = messages
+        .iter()
+        .find(|m| source(m) == 0 && event(m) == 0 && m.get("device.ident").is_some())
+    {
+        assert!(
+            at(named) < Some(not_listed),
+            "{ident}: `device not listed` written before the packet that named the device"
+        );
+    }
 }
 
 /// Waits until `target` has a connection that received exactly `bytes`.

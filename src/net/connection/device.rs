@@ -34,6 +34,7 @@ impl Connection {
                 self.recognise(packet, ctx);
                 ctx.journal
                     .data(self.origin, self.tags(), Side::Device, None, packet);
+                self.release_waiting(ctx);
                 self.forward_to_targets(packet, ctx);
                 true
             }

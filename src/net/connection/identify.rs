@@ -101,7 +101,19 @@ impl Connection {
         };
         let detectors = ctx.settings.devices.detectors();
         if let Some(outcome) = detection.feed(detectors, packet, ctx.now) {
+            // The waiting targets are settled once the packet's event 0 is
+            // written (`release_waiting`): lines keep the order of events.
             self.decided(outcome, ctx);
+        }
+    }
+
+    /// After a device packet's event 0: once detection has ended, each
+    /// waiting target is connected or told the device is not listed. One
+    /// test while nothing waits.
+    #[inline]
+    pub(super) fn release_waiting(&mut self, ctx: &mut Context<'_>) {
+        if self.recognition.waiting != 0 && self.recognition.detection.is_none() {
+            self.settle_waiting(ctx);
         }
     }
 
@@ -114,6 +126,7 @@ impl Connection {
         match detection.expire(ctx.settings.devices.detectors(), ctx.now) {
             Some(outcome) => {
                 self.decided(outcome, ctx);
+                self.settle_waiting(ctx);
                 true
             }
             None => false,
@@ -127,12 +140,12 @@ impl Connection {
         };
         if let Some(outcome) = detection.finish(ctx.settings.devices.detectors()) {
             self.decided(outcome, ctx);
+            self.settle_waiting(ctx);
         }
     }
 
     /// Detection has ended: the ident is kept (and claimed, with
-    /// PROXY_DEVICE_UNIQUE), and each waiting target is connected or told
-    /// the device is not listed.
+    /// PROXY_DEVICE_UNIQUE); the waiting targets are settled by the caller.
     #[cold]
     fn decided(&mut self, outcome: Outcome, ctx: &mut Context<'_>) {
         self.recognition.detection = None;
@@ -146,6 +159,12 @@ impl Connection {
                 log::debug!("{}: device not recognised: {why}", self.origin.ident);
             }
         }
+    }
+
+    /// Each waiting target is connected (with the bytes held for it) or
+    /// told the device is not listed.
+    #[cold]
+    fn settle_waiting(&mut self, ctx: &mut Context<'_>) {
         let waiting = std::mem::take(&mut self.recognition.waiting);
         let held = std::mem::take(&mut self.recognition.held);
         for spec in ctx.settings.targets.iter().flatten() {

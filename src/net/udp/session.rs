@@ -280,10 +280,11 @@ impl Session {
         stats::add(&ctx.counters.bytes_received[0], payload.len() as u64);
         stats::add(&ctx.counters.packets[0], 1);
         if self.detecting {
-            self.detect(payload, addresses, ctx);
+            self.detect(payload, ctx);
         }
         ctx.journal
             .data(self.origin, self.tags(), Side::Device, None, payload);
+        self.settle_waiting(addresses, ctx);
         if self.ending.is_some() {
             return;
         }

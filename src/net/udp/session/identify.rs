@@ -28,19 +28,16 @@ impl Session {
 
     /// Looks for the device's ident in a datagram, within the detection
     /// window: the first [`WINDOW_BYTES`] the device sent, and
-    /// [`DETECTION_TIME`] from the session's start.
-    pub(super) fn detect(
-        &mut self,
-        payload: &[u8],
-        addresses: &TargetAddresses,
-        ctx: &mut Ctx<'_>,
-    ) {
+    /// [`DETECTION_TIME`] from the session's start. The waiting targets are
+    /// settled after the datagram's event 0 (`settle_waiting`), so that
+    /// lines keep the order of events.
+    pub(super) fn detect(&mut self, payload: &[u8], ctx: &mut Ctx<'_>) {
         if ctx.now >= self.opened_at + DETECTION_TIME {
-            return self.decided(None, addresses, ctx);
+            return self.decided(None, ctx);
         }
         match device::detect_datagram(ctx.settings.devices.detectors(), payload) {
-            Some(found) => self.decided(Some(found), addresses, ctx),
-            None if self.received >= WINDOW_BYTES as u64 => self.decided(None, addresses, ctx),
+            Some(found) => self.decided(Some(found), ctx),
+            None if self.received >= WINDOW_BYTES as u64 => self.decided(None, ctx),
             None => {}
         }
     }
@@ -48,20 +45,14 @@ impl Session {
     /// Ends detection when its time is up (from the worker's timer).
     pub fn check_detection(&mut self, addresses: &TargetAddresses, ctx: &mut Ctx<'_>) {
         if self.detecting && ctx.now >= self.opened_at + DETECTION_TIME {
-            self.decided(None, addresses, ctx);
+            self.decided(None, ctx);
+            self.settle_waiting(addresses, ctx);
         }
     }
 
     /// Detection has ended with the device's ident, or without: the ident
-    /// is kept (and claimed, with PROXY_DEVICE_UNIQUE), and each waiting
-    /// target gets its socket and the datagrams held for it, or is told
-    /// the device is not listed.
-    pub(super) fn decided(
-        &mut self,
-        found: Option<Ident>,
-        addresses: &TargetAddresses,
-        ctx: &mut Ctx<'_>,
-    ) {
+    /// is kept (and claimed, with PROXY_DEVICE_UNIQUE).
+    pub(super) fn decided(&mut self, found: Option<Ident>, ctx: &mut Ctx<'_>) {
         self.detecting = false;
         match found {
             Some(device) => {
@@ -70,6 +61,14 @@ impl Session {
                 self.device = Some(device);
             }
             None => debug!("{}: device not recognised", self.origin.ident),
+        }
+    }
+
+    /// Once detection has ended, each waiting target gets its socket and
+    /// the datagrams held for it, or is told the device is not listed.
+    pub(super) fn settle_waiting(&mut self, addresses: &TargetAddresses, ctx: &mut Ctx<'_>) {
+        if self.detecting || self.waiting == 0 {
+            return;
         }
         let waiting = std::mem::take(&mut self.waiting);
         let held = std::mem::take(&mut self.held);
