@@ -307,7 +307,11 @@ fn replay_one(recorded: &Recorded, files: &[PathBuf], options: &ReplayOptions) -
     let replies = match stream.try_clone() {
         Ok(reader) => {
             let (wait, done) = (options.wait, Arc::clone(&sending_done));
-            std::thread::spawn(move || count_replies(reader, wait, &done))
+            let mut reader = reader;
+            std::thread::spawn(move || match reader.set_read_timeout(reply_timeout(wait)) {
+                Ok(()) => count_replies(&done, |buffer| Look::of(reader.read(buffer), true)),
+                Err(_) => 0,
+            })
         }
         Err(e) => return Outcome::Failed(format!("cannot read replies: {e}")),
     };
@@ -352,7 +356,10 @@ fn replay_datagrams(recorded: &Recorded, files: &[PathBuf], options: &ReplayOpti
     let replies = match socket.try_clone() {
         Ok(reader) => {
             let (wait, done) = (options.wait, Arc::clone(&sending_done));
-            std::thread::spawn(move || count_datagram_replies(&reader, wait, &done))
+            std::thread::spawn(move || match reader.set_read_timeout(reply_timeout(wait)) {
+                Ok(()) => count_replies(&done, |buffer| Look::of(reader.recv(buffer), false)),
+                Err(_) => 0,
+            })
         }
         Err(e) => return Outcome::Failed(format!("cannot read replies: {e}")),
     };
@@ -387,45 +394,6 @@ fn connect_udp(target: &str) -> io::Result<UdpSocket> {
         }
     }
     Err(last_error)
-}
-
-/// Reads and counts reply datagrams until the target has been quiet for
-/// `wait` once the sender is done, or REPLIES_AT_MOST has passed since.
-fn count_datagram_replies(socket: &UdpSocket, wait: Duration, sending_done: &AtomicBool) -> u64 {
-    let mut buffer = vec![0u8; 64 * 1024];
-    let mut received = 0u64;
-    let mut done_at: Option<Instant> = None;
-    if socket
-        .set_read_timeout(Some(wait.max(Duration::from_millis(1))))
-        .is_err()
-    {
-        return 0;
-    }
-    loop {
-        if done_at.is_none() && sending_done.load(Ordering::SeqCst) {
-            done_at = Some(Instant::now());
-        }
-        if done_at.is_some_and(|at| at.elapsed() >= REPLIES_AT_MOST) {
-            return received;
-        }
-        match socket.recv(&mut buffer) {
-            Ok(n) => received += n as u64,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                if done_at.is_some() {
-                    return received;
-                }
-            }
-            // An ICMP error for an earlier datagram; the sender reports it.
-            Err(_) if done_at.is_none() => {}
-            Err(_) => return received,
-        }
-    }
 }
 
 /// Sends the connection's stored packets in order to `sink`, at the
@@ -489,18 +457,48 @@ fn read_payload(
         .map_err(|e| format!("bad payload in {}: {e}", path.display()))
 }
 
+/// What one read of the target's replies gave.
+enum Look {
+    Bytes(usize),
+    /// Nothing within the read timeout.
+    Quiet,
+    /// Interrupted: read again.
+    Again,
+    /// A datagram target's ICMP error for an earlier datagram: the sender
+    /// reports it, so it ends the counting only once sending is done.
+    Refused,
+    /// End of stream or a read error.
+    End,
+}
+
+impl Look {
+    fn of(read: io::Result<usize>, stream: bool) -> Look {
+        match read {
+            Ok(0) if stream => Look::End,
+            Ok(n) => Look::Bytes(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Look::Again,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Look::Quiet
+            }
+            Err(_) if stream => Look::End,
+            Err(_) => Look::Refused,
+        }
+    }
+}
+
 /// Reads and counts replies until the target closes, has been quiet for
 /// `wait` once the sender is done, or has gone on for REPLIES_AT_MOST since.
-fn count_replies(mut stream: TcpStream, wait: Duration, sending_done: &AtomicBool) -> u64 {
+/// `read` reads the stream or the datagram socket, whose read timeout is
+/// already `wait`.
+fn count_replies(sending_done: &AtomicBool, mut read: impl FnMut(&mut [u8]) -> Look) -> u64 {
     let mut buffer = vec![0u8; 64 * 1024];
     let mut received = 0u64;
     let mut done_at: Option<Instant> = None;
-    if stream
-        .set_read_timeout(Some(wait.max(Duration::from_millis(1))))
-        .is_err()
-    {
-        return 0;
-    }
     loop {
         if done_at.is_none() && sending_done.load(Ordering::SeqCst) {
             done_at = Some(Instant::now());
@@ -508,23 +506,18 @@ fn count_replies(mut stream: TcpStream, wait: Duration, sending_done: &AtomicBoo
         if done_at.is_some_and(|at| at.elapsed() >= REPLIES_AT_MOST) {
             return received;
         }
-        match stream.read(&mut buffer) {
-            Ok(0) => return received,
-            Ok(n) => received += n as u64,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                if done_at.is_some() {
-                    return received;
-                }
-            }
-            Err(_) => return received,
+        match read(&mut buffer) {
+            Look::Bytes(n) => received += n as u64,
+            Look::Again => {}
+            Look::Quiet | Look::Refused if done_at.is_none() => {}
+            Look::Quiet | Look::Refused | Look::End => return received,
         }
     }
+}
+
+/// The read timeout of a reply reader: `wait`, at least a millisecond.
+fn reply_timeout(wait: Duration) -> Option<Duration> {
+    Some(wait.max(Duration::from_millis(1)))
 }
 
 /// Counts outcomes and shows a progress line on a terminal.
