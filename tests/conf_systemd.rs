@@ -9,11 +9,9 @@
 mod util;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::thread;
 
 use proxy_channel::config::Config;
 use util::*;
@@ -286,15 +284,7 @@ impl Started {
             .spawn()
             .expect("start proxy-channel");
         let pipe = child.stderr.take().expect("stderr pipe");
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let lines = Arc::clone(&stderr);
-        // Ends when the daemon's stderr closes, i.e. when it exits.
-        thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                lines.lock().unwrap().push(line);
-            }
-        });
+        let stderr = collect_lines(pipe);
         Started { child, stderr }
     }
 

@@ -10,13 +10,11 @@ mod util;
 
 use std::collections::HashSet;
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::thread;
 
 use util::*;
 
@@ -203,15 +201,7 @@ impl UmaskDaemon {
             .spawn()
             .expect("start sh -c 'umask ..; exec proxy-channel'");
         let pipe = child.stderr.take().expect("stderr pipe");
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let lines = Arc::clone(&stderr);
-        // Ends when the daemon's stderr closes, i.e. when it exits.
-        thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                lines.lock().unwrap().push(line);
-            }
-        });
+        let stderr = collect_lines(pipe);
         let mut daemon = UmaskDaemon {
             child,
             addr: "127.0.0.1:1".parse().unwrap(),
@@ -514,15 +504,7 @@ impl Viewer {
             .spawn()
             .expect("start proxy-channel view");
         let pipe = child.stdout.take().expect("stdout pipe");
-        let stdout = Arc::new(Mutex::new(Vec::new()));
-        let lines = Arc::clone(&stdout);
-        // Ends when the viewer's stdout closes, i.e. when it is gone.
-        thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                lines.lock().unwrap().push(line);
-            }
-        });
+        let stdout = collect_lines(pipe);
         Viewer { child, stdout }
     }
 

@@ -144,3 +144,20 @@ pub fn is_timeout(error: &io::Error) -> bool {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
     )
 }
+
+/// Collects the lines of a child's pipe on a thread of its own, which ends
+/// when the pipe closes (the child exited or closed it).
+pub fn collect_lines(
+    pipe: impl io::Read + Send + 'static,
+) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use std::io::BufRead;
+    let collected = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let lines = std::sync::Arc::clone(&collected);
+    thread::spawn(move || {
+        for line in io::BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            lines.lock().unwrap().push(line);
+        }
+    });
+    collected
+}
