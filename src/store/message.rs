@@ -8,9 +8,9 @@
 //! that every clone of one generator shares, so TCP connections and UDP
 //! sessions draw from one sequence).
 
+use crate::store::address::write_address;
 use std::borrow::Cow;
 use std::fmt;
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -191,10 +191,9 @@ impl Message<'_> {
         write_hex(out, &self.ident.0.to_be_bytes());
         out.extend_from_slice(b"\",\"peer\":");
         // An address prints only digits, hex letters, '.', ':', '[', ']'
-        // and '%': no escaping, and no String per message.
+        // and '%': no escaping.
         out.push(b'"');
-        // Writing into a Vec cannot fail.
-        let _ = write!(out, "{}", self.peer);
+        write_address(out, &self.peer);
         out.push(b'"');
         out.extend_from_slice(b",\"proxy.event\":");
         write_number(out, u64::from(self.event.number()));
@@ -209,10 +208,13 @@ impl Message<'_> {
             write_hex(out, payload);
             out.push(b'"');
         }
+        // Both keys carry the same time: written once, copied once.
         out.extend_from_slice(b",\"server.timestamp\":");
+        let time_start = out.len();
         write_time(out, self.time);
+        let time_end = out.len();
         out.extend_from_slice(b",\"timestamp\":");
-        write_time(out, self.time);
+        out.extend_from_within(time_start..time_end);
         if let Some(target) = self.target {
             out.extend_from_slice(b",\"proxy.target\":");
             write_json_string(out, target);

@@ -6,6 +6,7 @@
 //! ([`rotation`]), and hands each rotated file to the `syncer` thread to be
 //! fsynced off the traffic path.
 
+pub(crate) mod address;
 pub mod journal;
 pub mod message;
 pub(crate) mod rotation;
