@@ -860,6 +860,58 @@ fn view_and_replay_by_device_take_whole_connections() {
     assert_eq!(conns[0].received(), a_bytes, "every byte A sent");
 }
 
+/// `view --follow --device` shows, as they are written, the messages of
+/// the device's connections from the one that names the device on, and
+/// nothing of another device's connections (README, Devices).
+#[test]
+fn view_follow_by_device_shows_the_device_from_its_naming_message_on() {
+    let daemon = Daemon::start(&[]);
+    let folder = daemon.data_dir().to_str().unwrap().to_string();
+    let viewer = Follower::start(&["--follow", "--json", "--device", IMEI_A, &folder]);
+    viewer.wait_until_following();
+
+    let mut log = daemon.log();
+    let mut b = Device::connect(daemon.addr());
+    b.send(&[teltonika(IMEI_B), b"B's record".to_vec()].concat());
+    let mut a = Device::connect(daemon.addr());
+    a.send(&teltonika(IMEI_A));
+    a.send(b"A's record");
+    let ident_b = log.wait_ident(b.name(), secs(5));
+    b.shutdown_write();
+    log.wait_reason(&ident_b, 0, secs(5));
+    let ident_a = log.wait_ident(a.name(), secs(5));
+    a.shutdown_write();
+    log.wait_reason(&ident_a, 0, secs(5));
+    // The viewer reads in file order: once A's end is shown, B's lines
+    // (written before it) have been looked at too.
+    let a_end = format!(r#""ident":"{ident_a}","#);
+    wait_until(secs(5), "A's event 2 in view --follow", || {
+        viewer
+            .lines()
+            .iter()
+            .any(|l| l.contains(&a_end) && l.contains(r#""proxy.event":2"#))
+    });
+
+    let shown: Vec<Value> = viewer
+        .lines()
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("view --json prints JSON lines"))
+        .collect();
+    let all = read_folder(daemon.data_dir());
+    let expected: Vec<&Value> = all
+        .of_ident(&ident_a)
+        .into_iter()
+        .filter(|m| named(m) == Some(IMEI_A))
+        .collect();
+    assert_eq!(
+        shown.iter().collect::<Vec<_>>(),
+        expected,
+        "A's messages from the one naming it on, and nothing else"
+    );
+    assert_eq!(event(&shown[0]), 0, "the first shown is the naming packet");
+    assert!(viewer.stderr().is_empty(), "{:?}", viewer.stderr());
+}
+
 // ------------------------------------------------------------ UDP
 
 /// A UDP target that records each datagram.

@@ -12,14 +12,11 @@
 mod util;
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::process::{ExitStatus, Stdio};
+use std::time::Instant;
 
 use util::*;
 
@@ -69,8 +66,6 @@ HTTP/1.1 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok
 \\x00\\x01\\x02\\x03\\x04\\x05\\x06\\x07\\x08\\t\\n\\x0b\\x0c\\r\\x0e\\x0f~\\x7f\\x80\\xfe\\xff \\\\\\t\"{}\\x1b[0m
 2026-11-18 11:06:41.000  9798c659ed9c141e  127.0.0.1:46090  device>    data 3145728 B (payload not stored)
 ";
-
-const UTC: (&str, &str) = ("TZ", "UTC");
 
 /// Runs `proxy-channel view ARGS` to its end with `vars`.
 fn view(args: &[&str], vars: &[(&str, &str)]) -> Finished {
@@ -570,81 +565,6 @@ fn a_bad_filter_value_is_a_usage_error_naming_option_and_value() {
 
 // ---------------------------------------------------------------- --follow
 
-/// A `view --follow` process whose stdout and stderr lines are collected by
-/// threads. Dropping it kills the process.
-struct Follower {
-    child: Child,
-    stdout: Arc<Mutex<Vec<String>>>,
-    stderr: Arc<Mutex<Vec<String>>>,
-    readers: Vec<JoinHandle<()>>,
-}
-
-impl Follower {
-    fn start(args: &[&str]) -> Follower {
-        let mut child = daemon_command(&[UTC])
-            .arg("view")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start proxy-channel view --follow");
-        let stdout = Arc::new(Mutex::new(Vec::new()));
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let collect = |pipe: Box<dyn Read + Send>, lines: &Arc<Mutex<Vec<String>>>| {
-            let lines = Arc::clone(lines);
-            // Ends when the pipe closes, i.e. when the viewer is gone.
-            thread::spawn(move || {
-                for line in BufReader::new(pipe).lines() {
-                    let Ok(line) = line else { break };
-                    lines.lock().unwrap().push(line);
-                }
-            })
-        };
-        let readers = vec![
-            collect(Box::new(child.stdout.take().unwrap()), &stdout),
-            collect(Box::new(child.stderr.take().unwrap()), &stderr),
-        ];
-        Follower {
-            child,
-            stdout,
-            stderr,
-            readers,
-        }
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.stdout.lock().unwrap().clone()
-    }
-
-    /// Waits until a printed line contains `part`.
-    fn wait_for_line_with(&mut self, part: &str, timeout: Duration) {
-        let shown = poll_until(timeout, || {
-            self.stdout.lock().unwrap().iter().any(|l| l.contains(part))
-        });
-        if !shown {
-            let exited = self.child.try_wait().ok().flatten();
-            panic!(
-                "view --follow did not print a line with {part:?} within {timeout:?} \
-                 (exited: {exited:?}); it printed:\n{}\nstderr:\n{}",
-                self.lines().join("\n"),
-                self.stderr.lock().unwrap().join("\n")
-            );
-        }
-    }
-}
-
-impl Drop for Follower {
-    fn drop(&mut self) {
-        // It may have exited by itself (a failure the test reports).
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        for reader in self.readers.drain(..) {
-            let _ = reader.join();
-        }
-    }
-}
-
 /// Sends `text` in one write and, when `close`, ends the device's side and
 /// waits for the daemon to close.
 fn send_text(device: &mut Device, text: &str, close: bool) {
@@ -670,19 +590,6 @@ fn rotated_files(dir: &Path) -> Vec<PathBuf> {
             name.starts_with("messages-") && name.ends_with(".jsonl")
         })
         .collect()
-}
-
-/// Waits until the viewer sleeps in its follow loop (the only place it
-/// sleeps), so that what is written next is new to it.
-fn wait_until_following(viewer: &Follower) {
-    let path = format!("/proc/{}/syscall", viewer.child.id());
-    let sleeping = [libc::SYS_clock_nanosleep, libc::SYS_nanosleep];
-    wait_until(secs(5), "view --follow to wait for more lines", || {
-        fs::read_to_string(&path)
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse::<i64>().ok())
-            .is_some_and(|number| sleeping.contains(&number))
-    });
 }
 
 fn connected(device: &Device) -> String {
@@ -738,7 +645,7 @@ fn follow_prints_new_messages_also_across_a_sighup_rotation() {
     let daemon = Daemon::start(&[("PROXY_ROTATE_SIZE", "1GiB")]);
     let dir = daemon.data_dir().to_str().unwrap().to_string();
     let mut viewer = Follower::start(&["--follow", "--text", &dir]);
-    wait_until_following(&viewer);
+    viewer.wait_until_following();
 
     // Device 1 connects and sends while the viewer follows, and stays
     // connected across the rotation.
@@ -771,7 +678,7 @@ fn follow_prints_new_messages_also_across_a_sighup_rotation() {
         closed(&second),
     ];
     assert_each_once_in_order("view --follow", &viewer.lines(), &expected);
-    let stderr = viewer.stderr.lock().unwrap().clone();
+    let stderr = viewer.stderr();
     assert!(stderr.is_empty(), "view --follow stderr: {stderr:#?}");
     daemon.assert_no_errors();
 }
@@ -795,7 +702,7 @@ fn follow_shows_what_was_there_at_the_start_once() {
     ];
     for viewer in &mut viewers {
         viewer.wait_for_line_with(&closed(&before), secs(5));
-        wait_until_following(viewer);
+        viewer.wait_until_following();
     }
     let mut after = Device::connect(daemon.addr());
     send_text(&mut after, "after the viewer started", true);

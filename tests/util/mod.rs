@@ -12,16 +12,18 @@
 //! socket, the metrics parser), `messages` (the message files),
 //! `device` (device clients), `load` (many devices at a steady pace),
 //! `target` (target servers), `sockets` (socket options and a refusing
-//! port), `disk` (a tmpfs to fill up, a slow disk), `install` (haproxy
-//! and prometheus-client, installed when missing in a privileged run) and
-//! `privileged` (`require`: the guard of a test that needs root, a loop
-//! device, cgroup v1 or a package, which skips it for a normal user).
+//! port), `disk` (a tmpfs to fill up, a slow disk), `follower` (a
+//! `view --follow` process), `install` (haproxy and prometheus-client,
+//! installed when missing in a privileged run) and `privileged`
+//! (`require`: the guard of a test that needs root, a loop device, cgroup
+//! v1 or a package, which skips it for a normal user).
 #![allow(dead_code)] // each test file uses its own subset of the helpers
 
 mod control;
 mod daemon;
 mod device;
 mod disk;
+mod follower;
 mod install;
 mod load;
 mod messages;
@@ -38,6 +40,8 @@ pub use daemon::*;
 pub use device::*;
 #[allow(unused_imports)]
 pub use disk::*;
+#[allow(unused_imports)]
+pub use follower::*;
 #[allow(unused_imports)]
 pub use install::*;
 #[allow(unused_imports)]
