@@ -183,8 +183,8 @@ const ROWS: &[Row] = &[
     row("binary MiB (stripped)", "startup", "stripped_mib", Goal::None),
 ];
 
-/// (case, proxy, metric) -> the values of every successful run.
-type Figures = BTreeMap<(String, String, String), Vec<f64>>;
+/// (case, proxy, metric) -> the round and value of every successful run.
+type Figures = BTreeMap<(String, String, String), Vec<(u64, f64)>>;
 
 /// Prints the table; false if any run failed.
 pub fn print(text: &str) -> Result<bool, String> {
@@ -209,16 +209,20 @@ pub fn print(text: &str) -> Result<bool, String> {
             continue;
         }
         *runs.entry(proxy.clone()).or_default() += 1;
+        let round = run["round"].as_u64().unwrap_or(0);
         for (metric, value) in run["metrics"].as_object().into_iter().flatten() {
             if let Some(value) = value.as_f64() {
                 let key = (case.clone(), proxy.clone(), metric.clone());
-                figures.entry(key).or_default().push(value);
+                figures.entry(key).or_default().push((round, value));
             }
         }
     }
     let figure = |case: &str, proxy: &str, metric: &str| {
-        let key = (case.to_string(), proxy.to_string(), metric.to_string());
-        figures.get(&key).map(|values| median(values))
+        let values: Vec<f64> = runs_of(&figures, case, proxy, metric)
+            .iter()
+            .map(|&(_, v)| v)
+            .collect();
+        (!values.is_empty()).then(|| median(&values))
     };
 
     println!(
@@ -248,6 +252,7 @@ pub fn print(text: &str) -> Result<bool, String> {
         );
     }
     println!("{}", "-".repeat(100));
+    print_round_ratios(&figures);
     let counts: Vec<String> = runs
         .iter()
         .map(|(proxy, n)| format!("{proxy} {n}"))
@@ -275,7 +280,7 @@ pub fn print(text: &str) -> Result<bool, String> {
     let noise: Vec<f64> = figures
         .iter()
         .filter(|((_, _, metric), _)| metric == "other_cores")
-        .flat_map(|(_, values)| values.iter().copied())
+        .flat_map(|(_, values)| values.iter().map(|&(_, v)| v))
         .collect();
     if !noise.is_empty() {
         let max = noise.iter().copied().fold(0.0, f64::max);
@@ -288,6 +293,41 @@ pub fn print(text: &str) -> Result<bool, String> {
         println!("FAILED: {failure}");
     }
     Ok(failures.is_empty())
+}
+
+/// For each row with a ratio goal, the ratio within each round (the two
+/// runs of a round are minutes apart, so a machine that drifts between
+/// rounds moves both): how far a single round can land from the median.
+fn print_round_ratios(figures: &Figures) {
+    let mut printed_header = false;
+    for row in ROWS {
+        if !matches!(row.goal, Goal::RatioAtLeast(_) | Goal::RatioAtMost(_)) {
+            continue;
+        }
+        let (ref_case, ref_metric) = row.reference.unwrap_or((row.case, row.metric));
+        let reference = runs_of(figures, ref_case, row.peer, ref_metric);
+        let ratios: Vec<String> = runs_of(figures, row.case, "pc", row.metric)
+            .iter()
+            .filter_map(|&(round, pc)| {
+                let (_, peer) = reference.iter().find(|&&(r, _)| r == round)?;
+                Some(format!("{:.2}", pc / peer))
+            })
+            .collect();
+        if ratios.len() < 2 {
+            continue;
+        }
+        if !printed_header {
+            println!("pc/ha within each round, rounds in order (rows with a ratio goal):");
+            printed_header = true;
+        }
+        println!("  {:<52} {}", row.label, ratios.join(" "));
+    }
+}
+
+/// The round and value of each successful run of a figure.
+fn runs_of<'a>(figures: &'a Figures, case: &str, proxy: &str, metric: &str) -> &'a [(u64, f64)] {
+    let key = (case.to_string(), proxy.to_string(), metric.to_string());
+    figures.get(&key).map_or(&[], Vec::as_slice)
 }
 
 fn judge(goal: Goal, pc: Option<f64>, ratio: Option<f64>) -> (String, &'static str) {
