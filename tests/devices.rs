@@ -661,6 +661,46 @@ fn a_newer_connection_of_a_device_replaces_the_older_one_on_any_worker() {
     daemon.assert_no_errors();
 }
 
+/// PROXY_DEVICE_UNIQUE closes the older connection, also when the older
+/// one is recognised last (its IMEI packet came in pieces): the newer
+/// connection stays, the older one ends `replaced by a newer connection`.
+#[test]
+fn an_older_connection_recognised_last_is_the_one_replaced() {
+    let daemon = Daemon::start(&[("PROXY_DEVICE_UNIQUE", "true")]);
+    let mut log = daemon.log();
+    let login = teltonika(IMEI_A);
+    let mut older = Device::connect(daemon.addr());
+    older.send(&login[..6]);
+    let older_ident = log.wait_ident(older.name(), secs(5));
+    log.wait_for(secs(5), "the older one's first piece", |log| {
+        !log.select(&older_ident, 0, 0).is_empty()
+    });
+
+    let mut newer = Device::connect(daemon.addr());
+    newer.send(&login);
+    let newer_ident = log.wait_ident(newer.name(), secs(5));
+    log.wait_for(secs(5), "the newer one recognised", |log| {
+        log.select(&newer_ident, 0, 0)
+            .iter()
+            .any(|m| named(m).is_some())
+    });
+    older.send(&login[6..]);
+    assert_eq!(
+        log.wait_reason(&older_ident, 0, secs(5)),
+        "replaced by a newer connection"
+    );
+    assert_ne!(older.read_until_end(secs(5)).end, End::StillOpen);
+    newer.send(b"still here");
+    log.wait_for(secs(5), "the newer one's next packet", |log| {
+        log.select(&newer_ident, 0, 0).len() == 2
+    });
+    assert!(
+        log.dropped(&newer_ident, 0).is_none(),
+        "the newer connection stays: {}",
+        log.summary()
+    );
+}
+
 // ------------------------------------------------------------ ctl
 
 /// `ctl list` shows each connection's device (`-` while unknown, no JSON

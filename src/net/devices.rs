@@ -10,7 +10,7 @@
 //!   cannot be read or parsed then keeps the old list (and says why in
 //!   the log);
 //! - the registry names at most one connection per device, the newest
-//!   recognised; an entry is removed only by the connection it names, so
+//!   opened of those recognised; an entry is removed only by the connection it names, so
 //!   an older connection that ends late never unregisters a newer one.
 //!   Older connections are closed through their worker's command channel,
 //!   like `ctl close` does: nothing here touches another worker's
@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock, RwLock};
+use std::time::Instant;
 
 use log::{debug, info, warn};
 
@@ -58,11 +59,13 @@ struct Registry {
     workers: OnceLock<Vec<WorkerHandle>>,
 }
 
-/// A device connection (or UDP session) and the worker it lives on.
+/// A device connection (or UDP session), the worker it lives on, and
+/// when it opened (which of two connections of a device is the older).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Owner {
     pub connection: message::Ident,
     pub worker: usize,
+    pub opened_at: Instant,
 }
 
 impl Devices {
@@ -187,21 +190,22 @@ impl Devices {
         }
     }
 
-    /// Notes that `owner` is `device`'s newest connection; the one it
-    /// replaces, if still open, is closed on its worker with reason
-    /// `replaced by a newer connection`. Does nothing without
+    /// `owner` is recognised as `device`: of it and the device's open
+    /// connection, the older one is closed on its worker with reason
+    /// `replaced by a newer connection`, and the newer one stays
+    /// registered (an older connection can be recognised last, when its
+    /// first bytes came in pieces). Does nothing without
     /// PROXY_DEVICE_UNIQUE.
     pub fn claim(&self, device: &Ident, owner: Owner) {
         let Some(registry) = &self.unique else {
             return;
         };
-        let older = lock(&registry.open).insert(device.clone(), owner);
-        let Some(older) = older.filter(|older| *older != owner) else {
+        let Some(older) = older_of_two(&mut lock(&registry.open), device, owner) else {
             return;
         };
         debug!(
-            "device {device}: {} replaces {}",
-            owner.connection, older.connection
+            "device {device}: {} is replaced by a newer connection",
+            older.connection
         );
         let worker = registry.workers.get().and_then(|w| w.get(older.worker));
         match worker {
@@ -227,6 +231,16 @@ impl Devices {
         if open.get(device.as_str()) == Some(&owner) {
             open.remove(device.as_str());
         }
+    }
+}
+
+/// Registers the newer of `owner` and `device`'s open connection; the
+/// other one, if any, is returned to be closed.
+fn older_of_two(open: &mut HashMap<Ident, Owner>, device: &Ident, owner: Owner) -> Option<Owner> {
+    match open.get(device.as_str()) {
+        Some(registered) if *registered == owner => None,
+        Some(registered) if registered.opened_at > owner.opened_at => Some(owner),
+        _ => open.insert(device.clone(), owner),
     }
 }
 
@@ -324,13 +338,16 @@ mod tests {
         let config = config(&[("PROXY_DEVICE_UNIQUE", "true")]);
         let devices = Devices::without_lists(&config).unwrap();
         let device = ident("359586015829802");
+        let opened = Instant::now();
         let first = Owner {
             connection: message::Ident(1),
             worker: 0,
+            opened_at: opened,
         };
         let second = Owner {
             connection: message::Ident(2),
             worker: 1,
+            opened_at: opened + std::time::Duration::from_millis(1),
         };
         devices.claim(&device, first);
         devices.claim(&device, second);
@@ -341,5 +358,31 @@ mod tests {
         assert_eq!(open, Some(second), "the older one's end keeps the newer");
         devices.release(&device, second);
         assert!(lock(&devices.unique.as_ref().unwrap().open).is_empty());
+    }
+
+    #[test]
+    fn of_two_connections_the_older_goes_whichever_is_recognised_last() {
+        let device = ident("359586015829802");
+        let opened = Instant::now();
+        let older = Owner {
+            connection: message::Ident(1),
+            worker: 0,
+            opened_at: opened,
+        };
+        let newer = Owner {
+            connection: message::Ident(2),
+            worker: 1,
+            opened_at: opened + std::time::Duration::from_millis(1),
+        };
+        let mut open = HashMap::new();
+        assert_eq!(older_of_two(&mut open, &device, newer), None);
+        assert_eq!(older_of_two(&mut open, &device, newer), None, "again");
+        assert_eq!(older_of_two(&mut open, &device, older), Some(older));
+        assert_eq!(open.get("359586015829802"), Some(&newer));
+
+        let mut open = HashMap::new();
+        older_of_two(&mut open, &device, older);
+        assert_eq!(older_of_two(&mut open, &device, newer), Some(older));
+        assert_eq!(open.get("359586015829802"), Some(&newer));
     }
 }

@@ -275,6 +275,7 @@ impl Connection {
         Owner {
             connection: self.origin.ident,
             worker,
+            opened_at: self.opened_at,
         }
     }
 }

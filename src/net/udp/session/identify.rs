@@ -106,6 +106,7 @@ impl Session {
         Owner {
             connection: self.origin.ident,
             worker,
+            opened_at: self.opened_at,
         }
     }
 
