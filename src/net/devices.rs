@@ -10,8 +10,9 @@
 //!   cannot be read or parsed then keeps the old list (and says why in
 //!   the log);
 //! - the registry names at most one connection per device, the newest
-//!   opened of those recognised; an entry is removed only by the connection it names, so
-//!   an older connection that ends late never unregisters a newer one.
+//!   opened of those recognised; an entry is removed only by the
+//!   connection it names, so an older connection that ends late never
+//!   unregisters a newer one.
 //!   Older connections are closed through their worker's command channel,
 //!   like `ctl close` does: nothing here touches another worker's
 //!   connections.
