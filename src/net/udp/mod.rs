@@ -96,12 +96,32 @@ struct Listening {
     ready: bool,
 }
 
-/// One worker's listening sockets and UDP sessions.
-pub struct UdpSessions {
+/// What every session of the worker uses, lent to it as a [`Ctx`].
+struct Shared {
     worker: usize,
     registry: Registry,
     settings: Arc<Settings>,
     counters: Arc<Counters>,
+}
+
+impl Shared {
+    /// The context of a session's turn; a field apart from the sessions,
+    /// so that it can be lent while one of them is borrowed.
+    fn ctx<'a>(&'a self, journal: &'a mut Journal, now: Instant) -> Ctx<'a> {
+        Ctx {
+            registry: &self.registry,
+            journal,
+            settings: &self.settings,
+            counters: &self.counters,
+            worker: self.worker,
+            now,
+        }
+    }
+}
+
+/// One worker's listening sockets and UDP sessions.
+pub struct UdpSessions {
+    shared: Shared,
     /// None with UDP off (no listening socket, so no session either).
     admission: Option<Arc<Admission>>,
     idents: IdentGenerator,
@@ -151,11 +171,13 @@ impl UdpSessions {
             false => vec![0; MAX_DATAGRAM],
         };
         Ok(UdpSessions {
-            worker,
-            registry,
             idle_limit: settings.idle_timeout.unwrap_or(SILENCE_LIMIT),
-            settings,
-            counters,
+            shared: Shared {
+                worker,
+                registry,
+                settings,
+                counters,
+            },
             admission,
             idents,
             listeners,
@@ -216,15 +238,17 @@ impl UdpSessions {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    debug!("[worker {}] UDP receive failed: {e}", self.worker);
+                    debug!("[worker {}] UDP receive failed: {e}", self.shared.worker);
                     continue;
                 }
             };
             if let Some(dropped) = arrival.dropped {
                 let lost = listening.listener.note_drops(dropped);
-                self.counters.udp_drop(UdpDrop::ReceiveBufferOverflow, lost);
+                self.shared
+                    .counters
+                    .udp_drop(UdpDrop::ReceiveBufferOverflow, lost);
             }
-            stats::add(&self.counters.udp_datagrams_in, 1);
+            stats::add(&self.shared.counters.udp_datagrams_in, 1);
             self.take_datagram(index, &arrival, journal, addresses, now);
         }
     }
@@ -248,17 +272,10 @@ impl UdpSessions {
         };
         let session = &mut self.sessions[slot];
         if !session.bucket.take(now_ms) {
-            self.counters.udp_drop(UdpDrop::RateLimit, 1);
+            self.shared.counters.udp_drop(UdpDrop::RateLimit, 1);
             return;
         }
-        let mut ctx = Ctx {
-            registry: &self.registry,
-            journal,
-            settings: &self.settings,
-            counters: &self.counters,
-            worker: self.worker,
-            now,
-        };
+        let mut ctx = self.shared.ctx(journal, now);
         session.take_device_datagram(&self.buffer[..arrival.len], addresses, &mut ctx);
         if session.is_ending() {
             self.finish(slot, journal, now);
@@ -279,7 +296,7 @@ impl UdpSessions {
         let permit = match admission.admit(arrival.peer.ip()) {
             Ok(permit) => permit,
             Err(cause) => {
-                self.counters.udp_drop(UdpDrop::of_refusal(cause), 1);
+                self.shared.counters.udp_drop(UdpDrop::of_refusal(cause), 1);
                 self.refusals.note(arrival.peer, cause);
                 return None;
             }
@@ -296,18 +313,11 @@ impl UdpSessions {
         };
         debug!(
             "[worker {}] {}: UDP session from {}",
-            self.worker, opening.origin.ident, arrival.peer
+            self.shared.worker, opening.origin.ident, arrival.peer
         );
         let entry = self.sessions.vacant_entry();
         let slot = entry.key();
-        let mut ctx = Ctx {
-            registry: &self.registry,
-            journal,
-            settings: &self.settings,
-            counters: &self.counters,
-            worker: self.worker,
-            now,
-        };
+        let mut ctx = self.shared.ctx(journal, now);
         entry.insert(Session::open(
             opening,
             slot,
@@ -329,14 +339,7 @@ impl UdpSessions {
             if !session.unqueue_target(index) {
                 continue;
             }
-            let mut ctx = Ctx {
-                registry: &self.registry,
-                journal,
-                settings: &self.settings,
-                counters: &self.counters,
-                worker: self.worker,
-                now,
-            };
+            let mut ctx = self.shared.ctx(journal, now);
             let listener = &self.listeners[session.listener].listener.socket;
             let drained =
                 session.read_target(index, TARGET_BUDGET, &mut self.buffer, listener, &mut ctx);
@@ -362,7 +365,9 @@ impl UdpSessions {
             // A kernel without SO_MEMINFO: the datagrams' own counts remain.
             if let Ok(count) = listening.listener.read_drops() {
                 let lost = listening.listener.note_drops(count);
-                self.counters.udp_drop(UdpDrop::ReceiveBufferOverflow, lost);
+                self.shared
+                    .counters
+                    .udp_drop(UdpDrop::ReceiveBufferOverflow, lost);
             }
         }
         let expired: Vec<usize> = self
@@ -375,14 +380,7 @@ impl UdpSessions {
             self.sessions[slot].end(Reason::IdleTimeout, Reason::IdleTimeout);
             self.finish(slot, journal, now);
         }
-        let mut ctx = Ctx {
-            registry: &self.registry,
-            journal,
-            settings: &self.settings,
-            counters: &self.counters,
-            worker: self.worker,
-            now,
-        };
+        let mut ctx = self.shared.ctx(journal, now);
         for (_, session) in self.sessions.iter_mut() {
             session.check_detection(addresses, &mut ctx);
         }
@@ -414,7 +412,11 @@ impl UdpSessions {
         let Some(slot) = found else {
             return false;
         };
-        log::log!(close_level(&why), "[worker {}] {ident}: {why}", self.worker);
+        log::log!(
+            close_level(&why),
+            "[worker {}] {ident}: {why}",
+            self.shared.worker
+        );
         self.sessions[slot].end(why.clone(), why);
         self.finish(slot, journal, now);
         true
@@ -431,14 +433,7 @@ impl UdpSessions {
         let session = self.sessions.remove(slot);
         self.by_peer
             .remove(&(session.listener, session.origin.peer));
-        let mut ctx = Ctx {
-            registry: &self.registry,
-            journal,
-            settings: &self.settings,
-            counters: &self.counters,
-            worker: self.worker,
-            now,
-        };
+        let mut ctx = self.shared.ctx(journal, now);
         session.finish(&mut ctx);
     }
 
