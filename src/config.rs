@@ -485,7 +485,7 @@ fn parse_listen(text: &str) -> Option<Vec<SocketAddr>> {
 /// `host:port` or `[v6]:port`; the host is an IP or a DNS name.
 pub fn parse_target_address(text: &str) -> Option<TargetAddress> {
     let (host, port) = text.trim().rsplit_once(':')?;
-    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    let port: u16 = digits(port)?.parse().ok().filter(|p| *p != 0)?;
     let host = match host.strip_prefix('[') {
         Some(bracketed) => {
             let inner = bracketed.strip_suffix(']')?;
@@ -509,12 +509,19 @@ fn is_host_name(host: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
 }
 
+/// `text` if it is one or more ASCII digits: what the SPEC calls a whole
+/// number (Rust's integer parsing also takes a leading `+`).
+fn digits(text: &str) -> Option<&str> {
+    let all_digits = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+    all_digits.then_some(text)
+}
+
 fn parse_u64(text: &str) -> Option<u64> {
-    text.trim().parse().ok()
+    digits(text.trim())?.parse().ok()
 }
 
 fn parse_usize(text: &str) -> Option<usize> {
-    text.trim().parse().ok()
+    digits(text.trim())?.parse().ok()
 }
 
 fn positive_usize(text: &str) -> Option<usize> {

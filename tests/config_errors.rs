@@ -71,6 +71,9 @@ fn bad_values_stop_the_daemon_with_one_line_naming_variable_and_value() {
         ("PROXY_ACCEPT_PROXY_PROTOCOL", "v3", "off, v1, v2 or any"),
         ("PROXY_TARGET1", "10.0.0.7", "host:port"),
         ("PROXY_TARGET3", "10.0.0.7:99999", "host:port"),
+        ("PROXY_TARGET2", "10.0.0.7:+80", "host:port"),
+        ("PROXY_CHANNEL_ID", "+5", "whole number"),
+        ("PROXY_WORKERS", "+2", "whole number"),
     ];
     for (name, value, expected) in cases {
         let line = refused(&[(name, value)], &[name, &format!("{value:?}"), expected]);
