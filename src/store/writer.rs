@@ -42,13 +42,17 @@ use log::{error, info, warn};
 
 use crate::config::Config;
 use crate::control::stats::{self, Counters};
-use crate::store::journal::{BufferPool, StoreCommand};
+use crate::store::journal::{BATCH_AGE, BufferPool, StoreCommand};
 use crate::store::rotation::{self, CURRENT};
 
 use super::syncer::{Syncer, sync_dir, sync_file};
 
 /// Write once this much is buffered, even if more is waiting.
 const WRITE_CHUNK: usize = 1 << 20;
+/// How long after SIGHUP the file is rotated: a worker hands its batch
+/// over once it is [`BATCH_AGE`] old, so the lines of what happened before
+/// the signal land in the file it rotates, not in the next one.
+const ROTATE_SETTLE: Duration = BATCH_AGE.saturating_mul(2);
 /// How often the writer looks at the file and the folder when idle.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 const RETRY_FIRST: Duration = Duration::from_millis(50);
@@ -121,8 +125,10 @@ pub struct Store {
     rotate_retry_at: Option<Instant>,
     /// Set by the daemon when it starts to stop.
     stopping: Arc<AtomicBool>,
-    /// Set by the daemon on SIGHUP; the writer clears it and rotates.
+    /// Set by the daemon on SIGHUP; the writer clears it and rotates
+    /// [`ROTATE_SETTLE`] later, at `rotate_at`.
     rotate_requested: Arc<AtomicBool>,
+    rotate_at: Option<Instant>,
     stopping_seen: Option<Instant>,
     lost: u64,
     /// The folder's lock, held for the writer's life.
@@ -162,6 +168,7 @@ impl Store {
             rotate_retry_at: None,
             stopping,
             rotate_requested,
+            rotate_at: None,
             stopping_seen: None,
             lost: 0,
             _lock: lock,
@@ -186,7 +193,10 @@ impl Store {
         self.pending.pool = Some(pool);
         let mut last_housekeeping = Instant::now();
         loop {
-            match receiver.recv_timeout(HOUSEKEEPING_EVERY) {
+            let wait = self.rotate_at.map_or(HOUSEKEEPING_EVERY, |at| {
+                at.saturating_duration_since(Instant::now())
+            });
+            match receiver.recv_timeout(wait) {
                 Ok(command) => self.apply(command),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -198,10 +208,7 @@ impl Store {
                 }
             }
             self.write_pending();
-            if self.rotate_requested.swap(false, Ordering::SeqCst) {
-                self.follow_moved_file();
-                self.rotate("SIGHUP");
-            }
+            self.rotate_when_asked();
             self.rotate_if_due();
             if last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
                 last_housekeeping = Instant::now();
@@ -210,6 +217,9 @@ impl Store {
             }
         }
         self.write_pending();
+        if self.rotate_at.take().is_some() {
+            self.rotate("SIGHUP");
+        }
         self.syncer.finish();
         self.sync_current();
         info!("message writer stopped after {} lines", self.lines_written);
@@ -332,6 +342,25 @@ impl Store {
         std::thread::sleep(*backoff);
         *backoff = (*backoff * 2).min(RETRY_MAX);
         self.follow_moved_file();
+    }
+
+    /// SIGHUP: the rotation is set for [`ROTATE_SETTLE`] later, and done
+    /// once that time has come (with what was written by then).
+    fn rotate_when_asked(&mut self) {
+        if self.rotate_requested.swap(false, Ordering::SeqCst) && self.rotate_at.is_none() {
+            self.rotate_at = Some(Instant::now() + ROTATE_SETTLE);
+        }
+        if self.rotate_at.is_some_and(|at| Instant::now() >= at) {
+            self.rotate_at = None;
+            self.follow_moved_file();
+            if self.current.size == 0 {
+                info!(
+                    "SIGHUP: {} is empty, nothing to rotate",
+                    self.path.display()
+                );
+            }
+            self.rotate("SIGHUP");
+        }
     }
 
     fn rotate_if_due(&mut self) {
