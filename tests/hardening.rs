@@ -311,18 +311,22 @@ fn the_data_folder_is_0750_and_message_files_0640_whatever_the_umask() {
     }
 }
 
-/// An existing folder's mode is the operator's choice: it is left as it is,
-/// with a warning when every local user can read it.
+/// An existing folder's and message file's mode is the operator's choice:
+/// each is left as it is, with a warning when every local user can read it.
 #[test]
 fn an_existing_folder_open_to_everyone_is_kept_with_a_warning() {
     let base = tempfile::tempdir().expect("a temporary folder");
     let dir = base.path().join("shared");
     fs::create_dir(&dir).expect("create the folder");
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod 0755");
+    let current = dir.join("messages.jsonl");
+    fs::write(&current, "").expect("an existing messages.jsonl");
+    fs::set_permissions(&current, fs::Permissions::from_mode(0o644)).expect("chmod 0644");
     let data_dir = dir.to_str().expect("a UTF-8 path");
     let mut daemon = UmaskDaemon::start("000", &[("PROXY_DATA_DIR", data_dir)]);
     daemon.stop();
     assert_eq!(mode_of(&dir), 0o755, "the existing folder's mode changed");
+    assert_eq!(mode_of(&current), 0o644, "the existing file's mode changed");
     let warnings: Vec<String> = daemon
         .lines()
         .into_iter()
@@ -330,13 +334,19 @@ fn an_existing_folder_open_to_everyone_is_kept_with_a_warning() {
         .collect();
     assert_eq!(
         warnings.len(),
-        1,
-        "expected one warning about the open folder; stderr:\n{}",
+        2,
+        "expected a warning about the open folder and one about the file; stderr:\n{}",
         daemon.lines().join("\n")
     );
-    assert!(warnings[0].contains(data_dir), "{}", warnings[0]);
-    // A private existing folder gets no warning.
+    assert!(
+        warnings.iter().any(|w| w.contains("data folder")),
+        "{warnings:?}"
+    );
+    let file = current.to_str().expect("a UTF-8 path");
+    assert!(warnings.iter().any(|w| w.contains(file)), "{warnings:?}");
+    // A private existing folder and file get no warning.
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).expect("chmod 0700");
+    fs::set_permissions(&current, fs::Permissions::from_mode(0o640)).expect("chmod 0640");
     let mut daemon = UmaskDaemon::start("000", &[("PROXY_DATA_DIR", data_dir)]);
     daemon.stop();
     assert_eq!(mode_of(&dir), 0o700);

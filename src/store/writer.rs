@@ -587,6 +587,7 @@ fn until_next_second(now: SystemTime) -> Duration {
 fn open_current(path: &Path) -> io::Result<Current> {
     let mut file = open_message_file(path)?;
     let metadata = file.metadata()?;
+    warn_if_readable_by_everyone(path, &metadata);
     let mut size = metadata.len();
     if size > 0 {
         let mut last = [0u8];
@@ -648,6 +649,20 @@ pub fn create_data_dir(dir: &Path) -> io::Result<()> {
         .mode(FOLDER_MODE)
         .create(dir)?;
     fs::set_permissions(dir, Permissions::from_mode(FOLDER_MODE))
+}
+
+/// Says so when a message file that was there before (created 0640 by
+/// us otherwise) may be read by every local user: like an existing
+/// folder, its mode is left as the operator set it.
+fn warn_if_readable_by_everyone(path: &Path, metadata: &fs::Metadata) {
+    let mode = metadata.mode() & 0o7777;
+    if mode & 0o004 != 0 {
+        warn!(
+            "{} may be read by every local user (mode {mode:04o}), and it holds device \
+             payloads: `chmod o-rwx` it unless that is meant",
+            path.display()
+        );
+    }
 }
 
 /// Says so when every local user may enter or read the data folder.
