@@ -136,9 +136,14 @@ impl Reason {
         Reason::Io(IoFailure::of(error))
     }
 
-    /// The reason for a failed connect.
+    /// The reason for a failed connect. The kernel's own connect timeout
+    /// (its SYN retries, about two minutes) is a `connect timeout` too,
+    /// as the daemon's PROXY_CONNECT_TIMEOUT is.
     pub fn connect_failed(error: &io::Error) -> Reason {
-        Reason::ConnectFailed(IoFailure::of(error))
+        match IoFailure::of(error) {
+            IoFailure::TimedOut => Reason::ConnectTimeout,
+            failure => Reason::ConnectFailed(failure),
+        }
     }
 
     /// The text of `proxy.reason`, borrowed for every fixed wording (no
@@ -246,6 +251,11 @@ mod tests {
         assert_eq!(
             Reason::connect_failed(&refused).to_string(),
             "connect failed: connection refused"
+        );
+        let kernel_timeout = io::Error::from_raw_os_error(libc::ETIMEDOUT);
+        assert_eq!(
+            Reason::connect_failed(&kernel_timeout).to_string(),
+            "connect timeout"
         );
         let reset = io::Error::from_raw_os_error(libc::ECONNRESET);
         assert_eq!(Reason::io(&reset).to_string(), "reset by peer");
