@@ -703,6 +703,56 @@ fn an_older_connection_recognised_last_is_the_one_replaced() {
 
 // ------------------------------------------------------------ ctl
 
+/// `ctl list` shows a listed target that waits for the device to be
+/// recognised as `waiting`, with the device bytes held for it as its
+/// queue; once the device is recognised, as connected.
+#[test]
+fn ctl_list_shows_a_listed_target_waiting_for_the_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("devices.txt");
+    write_list(&list, &[IMEI_A]);
+    let target = Target::start(Behaviour::Record);
+    let daemon = Daemon::start_with_control(&[
+        ("PROXY_TARGET1", &target.address()),
+        ("PROXY_TARGET1_DEVICES", list.to_str().unwrap()),
+    ]);
+    let mut log = daemon.log();
+    let login = teltonika(IMEI_A);
+    let mut device = Device::connect(daemon.addr());
+    device.send(&login[..5]);
+    let ident = log.wait_ident(device.name(), secs(5));
+    let target_of = |ident: &str| -> Value {
+        let list = ctl_json(&daemon.control_socket(), &["list"]);
+        let connection = list["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| text(c, "ident") == ident)
+            .unwrap_or_else(|| panic!("{ident} not in {list}"))
+            .clone();
+        connection["targets"].clone()
+    };
+    wait_until(secs(5), "the first piece held for target 1", || {
+        target_of(&ident)[0]["queued"] == 5
+    });
+    let waiting = target_of(&ident);
+    assert_eq!(waiting.as_array().unwrap().len(), 1, "{waiting}");
+    assert_eq!(waiting[0]["target"], 1, "{waiting}");
+    assert_eq!(waiting[0]["state"], "waiting", "{waiting}");
+    let table = daemon.ctl(&["list"]);
+    assert!(
+        table.stdout.contains("1:waiting queued 5 in 0 out 0"),
+        "{}",
+        table.stdout
+    );
+
+    device.send(&login[5..]);
+    wait_delivery(&target, &login, "target 1 to get the login once A is known");
+    wait_until(secs(5), "target 1 shown as connected", || {
+        target_of(&ident)[0]["state"] == "connected"
+    });
+}
+
 /// `ctl list` shows each connection's device (`-` while unknown, no JSON
 /// key); `ctl close --device` closes every connection of the device, its
 /// UDP session too, with `closed by operator`, and nothing else.

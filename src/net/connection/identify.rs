@@ -230,6 +230,12 @@ impl Connection {
         }
     }
 
+    /// Whether listed target `target` waits for the device to be
+    /// recognised, and the device bytes held for it meanwhile.
+    pub(super) fn waits_for(&self, target: TargetId) -> Option<usize> {
+        (self.recognition.waiting & bit(target) != 0).then_some(self.recognition.held.len())
+    }
+
     /// Whether listed targets wait for the device (see `waiting_room`).
     #[inline]
     pub(super) fn targets_wait(&self) -> bool {

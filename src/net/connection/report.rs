@@ -32,6 +32,7 @@ pub struct ConnectionReport {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TargetReport {
     pub target: u8,
+    /// `waiting` (for the device to be recognised: a device list),
     /// `connecting`, `connected`, or `draining` (the device has finished).
     pub state: String,
     pub queued: usize,
@@ -39,22 +40,40 @@ pub struct TargetReport {
     pub bytes_sent: u64,
 }
 
+impl TargetReport {
+    /// A listed target waiting for the device to be recognised, with the
+    /// device bytes held for it.
+    pub fn waiting(target: TargetId, held: usize) -> TargetReport {
+        TargetReport {
+            target: target.number(),
+            state: "waiting".to_string(),
+            queued: held,
+            bytes_received: 0,
+            bytes_sent: 0,
+        }
+    }
+}
+
 impl Connection {
     /// What the control socket shows of this connection.
     pub fn report(&self, now: Instant) -> ConnectionReport {
         let targets = TargetId::all()
-            .filter_map(|target| Some((target, self.targets[target.index()].as_ref()?)))
-            .map(|(target, link)| TargetReport {
-                target: target.number(),
-                state: match link.state {
-                    LinkState::Connecting { .. } => "connecting",
-                    LinkState::Open => "connected",
-                    LinkState::WriteClosed => "draining",
-                }
-                .to_string(),
-                queued: link.endpoint.queued(),
-                bytes_received: link.endpoint.received,
-                bytes_sent: link.endpoint.sent,
+            .filter_map(|target| match &self.targets[target.index()] {
+                Some(link) => Some(TargetReport {
+                    target: target.number(),
+                    state: match link.state {
+                        LinkState::Connecting { .. } => "connecting",
+                        LinkState::Open => "connected",
+                        LinkState::WriteClosed => "draining",
+                    }
+                    .to_string(),
+                    queued: link.endpoint.queued(),
+                    bytes_received: link.endpoint.received,
+                    bytes_sent: link.endpoint.sent,
+                }),
+                None => self
+                    .waits_for(target)
+                    .map(|held| TargetReport::waiting(target, held)),
             })
             .collect();
         ConnectionReport {

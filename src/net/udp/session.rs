@@ -39,7 +39,7 @@ use crate::net::connection::{
     ConnectionReport, Settings, TargetAddresses, TargetReport, TargetSpec,
 };
 use crate::net::reason::Reason;
-use crate::net::side::Side;
+use crate::net::side::{Side, TargetId};
 use crate::store::journal::{Closed, Journal};
 use crate::store::message::{Origin, UDP};
 
@@ -486,17 +486,19 @@ impl Session {
 
     /// What `ctl list` shows of the session.
     pub fn report(&self, now: Instant) -> ConnectionReport {
-        let targets = self
-            .targets
-            .iter()
-            .enumerate()
-            .filter_map(|(index, target)| target.as_ref().map(|t| (index, t)))
-            .map(|(index, target)| TargetReport {
-                target: index as u8 + 1,
-                state: "connected".to_string(),
-                queued: 0,
-                bytes_received: target.received,
-                bytes_sent: target.sent,
+        let held = self.held.iter().map(Vec::len).sum();
+        let targets = TargetId::all()
+            .filter_map(|id| match &self.targets[id.index()] {
+                Some(target) => Some(TargetReport {
+                    target: id.number(),
+                    state: "connected".to_string(),
+                    queued: 0,
+                    bytes_received: target.received,
+                    bytes_sent: target.sent,
+                }),
+                None => {
+                    (self.waiting & identify::bit(id) != 0).then(|| TargetReport::waiting(id, held))
+                }
             })
             .collect();
         ConnectionReport {
