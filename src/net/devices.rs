@@ -334,22 +334,27 @@ mod tests {
         assert!(error.starts_with(&start), "{error}");
     }
 
+    /// Two connections of one device on two workers, the second opened
+    /// a millisecond after the first.
+    fn older_and_newer() -> (Owner, Owner) {
+        let opened = Instant::now();
+        let owner = |n: u64, worker: usize, opened_at: Instant| Owner {
+            connection: message::Ident(n),
+            worker,
+            opened_at,
+        };
+        (
+            owner(1, 0, opened),
+            owner(2, 1, opened + std::time::Duration::from_millis(1)),
+        )
+    }
+
     #[test]
     fn the_registry_keeps_the_newest_owner_and_only_it_releases() {
         let config = config(&[("PROXY_DEVICE_UNIQUE", "true")]);
         let devices = Devices::without_lists(&config).unwrap();
         let device = ident("359586015829802");
-        let opened = Instant::now();
-        let first = Owner {
-            connection: message::Ident(1),
-            worker: 0,
-            opened_at: opened,
-        };
-        let second = Owner {
-            connection: message::Ident(2),
-            worker: 1,
-            opened_at: opened + std::time::Duration::from_millis(1),
-        };
+        let (first, second) = older_and_newer();
         devices.claim(&device, first);
         devices.claim(&device, second);
         devices.release(&device, first);
@@ -364,17 +369,7 @@ mod tests {
     #[test]
     fn of_two_connections_the_older_goes_whichever_is_recognised_last() {
         let device = ident("359586015829802");
-        let opened = Instant::now();
-        let older = Owner {
-            connection: message::Ident(1),
-            worker: 0,
-            opened_at: opened,
-        };
-        let newer = Owner {
-            connection: message::Ident(2),
-            worker: 1,
-            opened_at: opened + std::time::Duration::from_millis(1),
-        };
+        let (older, newer) = older_and_newer();
         let mut open = HashMap::new();
         assert_eq!(older_of_two(&mut open, &device, newer), None);
         assert_eq!(older_of_two(&mut open, &device, newer), None, "again");
