@@ -96,6 +96,53 @@ fn write_list(path: &Path, idents: &[&str]) {
     std::fs::write(path, text).unwrap();
 }
 
+/// A device list in a temporary folder, which lives as long as it does.
+struct ListFile {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+}
+
+impl ListFile {
+    fn new(idents: &[&str]) -> ListFile {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("devices.txt");
+        write_list(&path, idents);
+        ListFile { _dir: dir, path }
+    }
+
+    fn as_str(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+}
+
+/// Target 1 without a list, target 2 with a list of A only: the daemon
+/// most list tests start.
+struct SecondListed {
+    list: ListFile,
+    one: Target,
+    two: Target,
+    daemon: Daemon,
+}
+
+fn second_target_lists_a() -> SecondListed {
+    let list = ListFile::new(&[IMEI_A]);
+    let (one, two) = (
+        Target::start(Behaviour::Record),
+        Target::start(Behaviour::Record),
+    );
+    let daemon = Daemon::start(&[
+        ("PROXY_TARGET1", &one.address()),
+        ("PROXY_TARGET2", &two.address()),
+        ("PROXY_TARGET2_DEVICES", list.as_str()),
+    ]);
+    SecondListed {
+        list,
+        one,
+        two,
+        daemon,
+    }
+}
+
 /// `device.ident` of a message, if it has one.
 fn named(message: &Value) -> Option<&str> {
     message.get("device.ident").and_then(Value::as_str)
@@ -412,18 +459,12 @@ fn bad_detector_and_list_settings_stop_the_daemon_naming_the_variable() {
 /// target 1, without a list, gets every device's bytes.
 #[test]
 fn a_listed_target_gets_listed_devices_whole_and_others_are_not_listed() {
-    let dir = tempfile::tempdir().unwrap();
-    let list = dir.path().join("devices.txt");
-    write_list(&list, &[IMEI_A]);
-    let (one, two) = (
-        Target::start(Behaviour::Record),
-        Target::start(Behaviour::Record),
-    );
-    let daemon = Daemon::start(&[
-        ("PROXY_TARGET1", &one.address()),
-        ("PROXY_TARGET2", &two.address()),
-        ("PROXY_TARGET2_DEVICES", list.to_str().unwrap()),
-    ]);
+    let SecondListed {
+        list: _list,
+        one,
+        two,
+        daemon,
+    } = second_target_lists_a();
     let mut log = daemon.log();
 
     // A's IMEI packet in two pieces: the first goes to target 1 at once
@@ -485,18 +526,12 @@ fn a_listed_target_gets_listed_devices_whole_and_others_are_not_listed() {
 /// once; target 2 (a list) gets `device not listed` once the window ends.
 #[test]
 fn a_device_not_recognised_within_the_window_is_not_listed() {
-    let dir = tempfile::tempdir().unwrap();
-    let list = dir.path().join("devices.txt");
-    write_list(&list, &[IMEI_A]);
-    let (one, two) = (
-        Target::start(Behaviour::Record),
-        Target::start(Behaviour::Record),
-    );
-    let daemon = Daemon::start(&[
-        ("PROXY_TARGET1", &one.address()),
-        ("PROXY_TARGET2", &two.address()),
-        ("PROXY_TARGET2_DEVICES", list.to_str().unwrap()),
-    ]);
+    let SecondListed {
+        list: _list,
+        one,
+        two,
+        daemon,
+    } = second_target_lists_a();
     let mut log = daemon.log();
     let mut device = Device::connect(daemon.addr());
     let started = Instant::now();
@@ -525,25 +560,19 @@ fn a_device_not_recognised_within_the_window_is_not_listed() {
 /// keeps the old list, and the log says so.
 #[test]
 fn sighup_reloads_the_lists_and_an_unreadable_list_keeps_the_old_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let list = dir.path().join("devices.txt");
-    write_list(&list, &[IMEI_A]);
-    let (one, two) = (
-        Target::start(Behaviour::Record),
-        Target::start(Behaviour::Record),
-    );
-    let daemon = Daemon::start(&[
-        ("PROXY_TARGET1", &one.address()),
-        ("PROXY_TARGET2", &two.address()),
-        ("PROXY_TARGET2_DEVICES", list.to_str().unwrap()),
-    ]);
+    let SecondListed {
+        list,
+        one: _one,
+        two,
+        daemon,
+    } = second_target_lists_a();
     let mut log = daemon.log();
     let mut first = Device::connect(daemon.addr());
     first.send(&[teltonika(IMEI_B), b"1".to_vec()].concat());
     let ident = log.wait_ident(first.name(), secs(5));
     assert_not_listed(&mut log, &ident, 2);
 
-    write_list(&list, &[IMEI_A, IMEI_B]);
+    write_list(&list.path, &[IMEI_A, IMEI_B]);
     daemon.signal(libc::SIGHUP);
     daemon.wait_log("device list reloaded, 2 devices listed", 1, secs(5));
     let mut second = Device::connect(daemon.addr());
@@ -551,7 +580,7 @@ fn sighup_reloads_the_lists_and_an_unreadable_list_keeps_the_old_one() {
     second.send(&bytes);
     wait_delivery(&two, &bytes, "B at target 2 after the reload");
 
-    std::fs::remove_file(&list).unwrap();
+    std::fs::remove_file(&list.path).unwrap();
     daemon.signal(libc::SIGHUP);
     let warned = daemon.wait_log("PROXY_TARGET2_DEVICES not reloaded", 1, secs(5));
     assert!(warned[0].contains(" WARN "), "{warned:?}");
@@ -585,16 +614,14 @@ fn sighup_reloads_the_lists_and_an_unreadable_list_keeps_the_old_one() {
 /// an unlisted device's goes on.
 #[test]
 fn a_listed_mandatory_target_is_mandatory_only_for_listed_devices() {
-    let dir = tempfile::tempdir().unwrap();
-    let list = dir.path().join("devices.txt");
-    write_list(&list, &[IMEI_A]);
+    let list = ListFile::new(&[IMEI_A]);
     let one = Target::start(Behaviour::Record);
     let refused = RefusedPort::new();
     let daemon = Daemon::start(&[
         ("PROXY_TARGET1", &one.address()),
         ("PROXY_TARGET2", &refused.address()),
         ("PROXY_TARGET2_MANDATORY", "true"),
-        ("PROXY_TARGET2_DEVICES", list.to_str().unwrap()),
+        ("PROXY_TARGET2_DEVICES", list.as_str()),
     ]);
     let mut log = daemon.log();
 
@@ -708,13 +735,11 @@ fn an_older_connection_recognised_last_is_the_one_replaced() {
 /// queue; once the device is recognised, as connected.
 #[test]
 fn ctl_list_shows_a_listed_target_waiting_for_the_device() {
-    let dir = tempfile::tempdir().unwrap();
-    let list = dir.path().join("devices.txt");
-    write_list(&list, &[IMEI_A]);
+    let list = ListFile::new(&[IMEI_A]);
     let target = Target::start(Behaviour::Record);
     let daemon = Daemon::start_with_control(&[
         ("PROXY_TARGET1", &target.address()),
-        ("PROXY_TARGET1_DEVICES", list.to_str().unwrap()),
+        ("PROXY_TARGET1_DEVICES", list.as_str()),
     ]);
     let mut log = daemon.log();
     let login = teltonika(IMEI_A);
@@ -1056,15 +1081,13 @@ impl Drop for UdpSink {
 /// listed device's datagram reaches target 2, another's does not.
 #[test]
 fn a_udp_teltonika_datagram_names_the_device_and_lists_apply() {
-    let dir = tempfile::tempdir().unwrap();
-    let list = dir.path().join("devices.txt");
-    write_list(&list, &[IMEI_A]);
+    let list = ListFile::new(&[IMEI_A]);
     let (one, two) = (UdpSink::start(), UdpSink::start());
     let daemon = Daemon::start(&[
         ("PROXY_LISTEN_UDP", "127.0.0.1:0"),
         ("PROXY_TARGET1", &one.address.to_string()),
         ("PROXY_TARGET2", &two.address.to_string()),
-        ("PROXY_TARGET2_DEVICES", list.to_str().unwrap()),
+        ("PROXY_TARGET2_DEVICES", list.as_str()),
     ]);
     let address = udp_address(&daemon);
     let mut log = daemon.log();
