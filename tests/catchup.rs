@@ -202,6 +202,24 @@ fn catch_up_vars(target: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// A third run over the same folder finds nothing left to deliver and
+/// sends the target nothing beyond the `delivered` connections it has.
+fn assert_nothing_sent_again(
+    dir: &std::path::Path,
+    vars: &[(&'static str, String)],
+    target: &Recorder,
+    delivered: usize,
+    what: &str,
+) {
+    let mut third = Daemon::start_in(dir, &as_refs(vars));
+    third.wait_log("0 missed connections (0 bytes) to deliver", 1, secs(5));
+    assert!(
+        !poll_until(secs(1), || target.received().len() > delivered),
+        "{what}"
+    );
+    third.stop();
+}
+
 fn as_refs<'a>(vars: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
     vars.iter().map(|(n, v)| (*n, v.as_str())).collect()
 }
@@ -499,13 +517,13 @@ fn a_backlog_waiting_at_sigterm_is_delivered_once_after_the_restart() {
     }
     second.stop();
 
-    let mut third = Daemon::start_in(dir.path(), &as_refs(&vars));
-    third.wait_log("0 missed connections (0 bytes) to deliver", 1, secs(5));
-    assert!(
-        !poll_until(secs(1), || target.received().len() > 3),
-        "a completed delivery was sent again"
+    assert_nothing_sent_again(
+        dir.path(),
+        &vars,
+        &target,
+        3,
+        "a completed delivery was sent again",
     );
-    third.stop();
     assert_eq!(target.received().len(), 3);
 }
 
@@ -592,13 +610,13 @@ fn kill_9_repeats_no_completed_delivery_and_open_connections_are_caught_up() {
     });
     second.kill_9();
 
-    let mut third = Daemon::start_in(dir.path(), &as_refs(&vars));
-    third.wait_log("0 missed connections (0 bytes) to deliver", 1, secs(5));
-    assert!(
-        !poll_until(secs(1), || target.received().len() > 2),
-        "a completed delivery was sent again after kill -9"
+    assert_nothing_sent_again(
+        dir.path(),
+        &vars,
+        &target,
+        2,
+        "a completed delivery was sent again after kill -9",
     );
-    third.stop();
 }
 
 #[test]

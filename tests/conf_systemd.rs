@@ -304,19 +304,8 @@ impl Started {
 
     /// SIGTERM, and exit status 0 within 10 s.
     fn stop(&mut self) {
-        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
-        // SAFETY: kill(2) on our own child's pid has no memory effects.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        let mut status = None;
-        poll_until(secs(10), || {
-            status = self.child.try_wait().expect("try_wait");
-            status.is_some()
-        });
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "exit after SIGTERM: {status:?}; stderr:\n{}",
-            self.lines().join("\n")
-        );
+        let stderr = std::sync::Arc::clone(&self.stderr);
+        stop_child(&mut self.child, || stderr.lock().unwrap().clone());
     }
 }
 

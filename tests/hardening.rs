@@ -229,24 +229,13 @@ impl UmaskDaemon {
     }
 
     fn signal(&self, signal: i32) {
-        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
-        // SAFETY: kill(2) on our own child's pid has no memory effects.
-        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill {pid}");
+        signal_child(self.child.id(), signal);
     }
 
     /// SIGTERM, and the exit status 0 within 10 s.
     fn stop(&mut self) {
-        self.signal(libc::SIGTERM);
-        let mut status = None;
-        poll_until(secs(10), || {
-            status = self.child.try_wait().expect("try_wait");
-            status.is_some()
-        });
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "expected exit 0 within 10 s of SIGTERM, saw {status:?}; stderr:\n{}",
-            self.lines().join("\n")
-        );
+        let stderr = Arc::clone(&self.stderr);
+        stop_child(&mut self.child, || stderr.lock().unwrap().clone());
     }
 }
 
@@ -532,9 +521,7 @@ impl Viewer {
     }
 
     fn signal(&self, signal: i32) {
-        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
-        // SAFETY: kill(2) on our own child's pid has no memory effects.
-        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill {pid}");
+        signal_child(self.child.id(), signal);
     }
 }
 

@@ -301,10 +301,7 @@ impl Daemon {
     }
 
     pub fn signal(&self, signal: i32) {
-        let pid = libc::pid_t::try_from(self.pid()).expect("pid fits pid_t");
-        // SAFETY: kill(2) on our own child's pid has no memory effects.
-        let rc = unsafe { libc::kill(pid, signal) };
-        assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
+        signal_child(self.pid(), signal);
     }
 
     /// Waits for the daemon to exit on its own; `None` if it did not within
@@ -349,6 +346,30 @@ fn listening_address(line: &str) -> Option<SocketAddr> {
 }
 
 /// The resident memory of a process in KiB, from /proc/PID/status.
+/// Sends `signal` to a child process of the test.
+pub fn signal_child(pid: u32, signal: i32) {
+    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
+    // SAFETY: kill(2) on our own child's pid has no memory effects.
+    let rc = unsafe { libc::kill(pid, signal) };
+    assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
+}
+
+/// Sends a daemon started by hand SIGTERM and asserts it exits with
+/// status 0 within 10 s; `stderr` gives its log for the failure message.
+pub fn stop_child(child: &mut Child, stderr: impl Fn() -> Vec<String>) {
+    signal_child(child.id(), libc::SIGTERM);
+    let mut status = None;
+    poll_until(secs(10), || {
+        status = child.try_wait().expect("try_wait");
+        status.is_some()
+    });
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "expected exit 0 within 10 s of SIGTERM, saw {status:?}; stderr:\n{}",
+        stderr().join("\n")
+    );
+}
+
 pub fn vm_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/status: {e}"));
