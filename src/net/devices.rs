@@ -25,10 +25,14 @@ use std::time::Instant;
 use log::{debug, info, warn};
 
 use crate::config::{Config, ConfigError, MAX_TARGETS};
+use crate::control::stats::Counters;
 use crate::device::{DetectorSet, DeviceList, DeviceListError, Ident};
-use crate::net::side::TargetId;
+use crate::net::connection::TargetSpec;
+use crate::net::reason::Reason;
+use crate::net::side::{Side, TargetId};
 use crate::net::worker::{Command, WorkerHandle};
-use crate::store::message;
+use crate::store::journal::{Closed, Journal, Tags};
+use crate::store::message::{self, Origin};
 
 /// What `PROXY_TARGETn_DEVICES` must name, for the error that refuses it.
 const LIST_EXPECTED: &str = "a readable file of device idents, one per line";
@@ -243,6 +247,27 @@ fn older_of_two(open: &mut HashMap<Ident, Owner>, device: &Ident, owner: Owner) 
         Some(registered) if registered.opened_at > owner.opened_at => Some(owner),
         _ => open.insert(device.clone(), owner),
     }
+}
+
+/// Target `spec` does not take the device of `origin` (a TCP connection
+/// or a UDP session): its one event 2, `device not listed` with counts 0.
+/// Nothing else ends: a target is mandatory only for the devices it lists.
+pub fn record_not_listed(
+    journal: &mut Journal,
+    counters: &Counters,
+    origin: Origin,
+    tags: Tags<'_>,
+    spec: &TargetSpec,
+) {
+    let why = Reason::DeviceNotListed;
+    let closed = Closed {
+        reason: &why,
+        received: 0,
+        sent: 0,
+    };
+    let side = Side::Target(spec.id);
+    journal.dropped(origin, tags, side, Some(&spec.label), &closed);
+    counters.drop_of(side, &why);
 }
 
 /// A list, also after a thread panicked holding it: a reload replaces

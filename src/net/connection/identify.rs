@@ -29,10 +29,9 @@ use std::time::Instant;
 use super::lifecycle::Phase;
 use super::{Connection, Context, Settings, TargetSpec};
 use crate::device::{Detection, Ident, Outcome};
-use crate::net::devices::{Devices, Owner};
-use crate::net::reason::Reason;
-use crate::net::side::{Side, TargetId};
-use crate::store::journal::{Closed, Tags};
+use crate::net::devices::{Devices, Owner, record_not_listed};
+use crate::net::side::TargetId;
+use crate::store::journal::Tags;
 
 /// A connection's knowledge of its device.
 pub(super) struct Recognition {
@@ -210,16 +209,7 @@ impl Connection {
     /// counts 0. Nothing else ends: a target is mandatory only for the
     /// devices it lists.
     fn not_listed(&mut self, spec: &TargetSpec, ctx: &mut Context<'_>) {
-        let why = Reason::DeviceNotListed;
-        let closed = Closed {
-            reason: &why,
-            received: 0,
-            sent: 0,
-        };
-        let side = Side::Target(spec.id);
-        ctx.journal
-            .dropped(self.origin, self.tags(), side, Some(&spec.label), &closed);
-        ctx.counters.drop_of(side, &why);
+        record_not_listed(ctx.journal, ctx.counters, self.origin, self.tags(), spec);
     }
 
     /// Keeps a device packet for the targets still waiting, if any.

@@ -11,10 +11,9 @@ use log::debug;
 use super::{Ctx, Session};
 use crate::device::{self, DETECTION_TIME, Ident, WINDOW_BYTES};
 use crate::net::connection::{TargetAddresses, TargetSpec};
-use crate::net::devices::Owner;
-use crate::net::reason::Reason;
-use crate::net::side::{Side, TargetId};
-use crate::store::journal::{Closed, Tags};
+use crate::net::devices::{Owner, record_not_listed};
+use crate::net::side::TargetId;
+use crate::store::journal::Tags;
 use crate::store::message::UDP;
 
 impl Session {
@@ -90,16 +89,7 @@ impl Session {
     /// A target with a device list that does not take this device: its
     /// one event 2, with counts 0; nothing else ends.
     pub(super) fn not_listed(&mut self, spec: &TargetSpec, ctx: &mut Ctx<'_>) {
-        let why = Reason::DeviceNotListed;
-        let closed = Closed {
-            reason: &why,
-            received: 0,
-            sent: 0,
-        };
-        let side = Side::Target(spec.id);
-        ctx.journal
-            .dropped(self.origin, self.tags(), side, Some(&spec.label), &closed);
-        ctx.counters.drop_of(side, &why);
+        record_not_listed(ctx.journal, ctx.counters, self.origin, self.tags(), spec);
     }
 
     pub(super) fn owner(&self, worker: usize) -> Owner {
